@@ -3,8 +3,11 @@
 `import fusellm_kernels` needs only torch: Triton, transformers and datasets are imported
 where they are used.
 """
+from fusellm_kernels.functional import fusion_loss
+from fusellm_kernels.losses import FusionLoss
 from fusellm_kernels.types import FusionLossParts
+from fusellm_kernels.validation import FusionInputError
 
 __version__ = "0.1.0"
 
-__all__ = ["FusionLossParts", "__version__"]
+__all__ = ["FusionInputError", "FusionLoss", "FusionLossParts", "__version__", "fusion_loss"]

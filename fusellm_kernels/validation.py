@@ -76,9 +76,8 @@ def check_options(
     lam: float,
     temperature: float,
     ce_temperature: float,
-    teacher_ce: Tensor | None,
-    source_weights: Tensor | None,
 ) -> None:
+    """Options that need no tensor; every loss and module constructor runs these."""
     if strategy not in STRATEGIES:
         _fail(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
     if divergence not in DIVERGENCES:
@@ -93,6 +92,9 @@ def check_options(
         _fail(f"temperature={temperature} must be > 0")
     if not float(ce_temperature) > 0.0:
         _fail(f"ce_temperature={ce_temperature} must be > 0")
+
+
+def check_strategy_inputs(strategy: str, teacher_ce: Tensor | None, source_weights: Tensor | None) -> None:
     if strategy in ("min_ce", "avg_ce", "softmin_ce") and teacher_ce is None:
         _fail(f"strategy={strategy!r} needs teacher_ce [S, rows]; pass it, or use strategy='weights' with source_weights")
     if strategy == "weights" and source_weights is None:

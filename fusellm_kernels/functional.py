@@ -1,0 +1,187 @@
+"""The public functional API of the fusion loss; dispatches to Triton (`ops/`) or PyTorch (`torch_ops/`)."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from fusellm_kernels.types import Backend, Divergence, FusionLossParts, Reduction, Strategy
+from fusellm_kernels.validation import FusionInputError, check_options, check_strategy_inputs, prepare_fusion_inputs
+
+
+def _use_triton(backend: str, device: torch.device) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return device.type == "cuda"
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise FusionInputError(
+            f"backend='triton' on a {device.type} tensor needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before anything imports triton, move the tensors to CUDA, or use backend='torch'"
+        )
+    try:
+        import triton  # noqa: F401
+    except ImportError as err:  # pragma: no cover - depends on the installation
+        raise FusionInputError("backend='triton' needs the triton package; install it or use backend='torch'") from err
+    return True
+
+
+def candidate_row_weights(
+    teacher_ce: Tensor | None,
+    labels: Tensor,
+    segment_ids: Tensor,
+    source_weights: Tensor | None,
+    *,
+    strategy: str,
+    ce_temperature: float,
+    ignore_index: int,
+    use_triton: bool,
+) -> Tensor:
+    """Candidate weights per row [S, N] float32 for a strategy (see `fusion_loss`)."""
+    if strategy == "weights":
+        assert source_weights is not None
+        return source_weights.float()
+    assert teacher_ce is not None
+    if use_triton:
+        from fusellm_kernels.ops.segment_weights import segment_weights_op
+
+        return segment_weights_op(teacher_ce, labels, segment_ids, strategy, float(ce_temperature), int(ignore_index))
+    from fusellm_kernels.torch_ops.segment_weights import segment_weights_torch
+
+    return segment_weights_torch(teacher_ce, labels, segment_ids, strategy=strategy, ce_temperature=ce_temperature, ignore_index=ignore_index)
+
+
+def fusion_parts(
+    weights: Tensor, teacher_ids: Tensor, vocab_size: int, fusion_rows: Tensor
+) -> tuple[Tensor, Tensor]:
+    """wins [S] int64 and weight_sums [S] float32 over `fusion_rows` [N] (rows whose fusion term exists)."""
+    has_s = ((teacher_ids >= 0) & (teacher_ids < vocab_size)).any(-1)
+    w = torch.where(has_s, weights, 0.0)
+    total = w.sum(0)
+    norm = torch.where(fusion_rows & (total > 0), w / torch.where(total > 0, total, 1.0), 0.0)
+    winner = torch.nn.functional.one_hot(torch.argmax(norm, dim=0), w.shape[0]).T  # ties to the lowest s
+    wins = (winner * (fusion_rows & (total > 0))).sum(1)
+    return wins, norm.sum(1)
+
+
+def fusion_loss(
+    logits: Tensor,
+    labels: Tensor,
+    teacher_ids: Tensor,
+    teacher_logits: Tensor,
+    *,
+    teacher_ce: Tensor | None = None,
+    segment_ids: Tensor | None = None,
+    source_weights: Tensor | None = None,
+    fusion_mask: Tensor | None = None,
+    strategy: Strategy = "min_ce",
+    lam: float = 0.9,
+    temperature: float = 1.0,
+    ce_temperature: float = 1.0,
+    divergence: Divergence = "soft_ce",
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    return_parts: bool = False,
+    validate: bool = False,
+    backend: Backend = "auto",
+    inplace_backward: bool = False,
+) -> Tensor | tuple[Tensor, FusionLossParts]:
+    """λ·CE + (1 − λ)·divergence to the CE-weighted fusion of sparse teacher distributions.
+
+    Args:
+        logits: [N, V] or [B, T, V] bf16/fp16/fp32 student logits; row n predicts labels[n].
+        labels: [N] or [B, T] int next-token targets; `ignore_index` marks rows without one.
+        teacher_ids: [S, N, K] (or [S, B, T, K]) int target-vocabulary ids of each candidate's
+            top-k; a negative id marks an empty slot; the first slot holding an id wins.
+        teacher_logits: [S, N, K] float raw teacher logits (ignored at empty slots).
+        teacher_ce: [S, N] per-row CE scores of the candidates (`min_ce`, `avg_ce`, `softmin_ce`).
+        segment_ids: [N] non-decreasing; rows with equal ids share one weighting decision.
+            Default: one segment per sequence for [B, T, V] input, one for [N, V].
+        source_weights: [S, N] non-negative weights per row (`strategy="weights"`).
+        fusion_mask: [N] bool, rows counted by the fusion term (default: labels ≠ ignore_index).
+        strategy: `min_ce` | `avg_ce` (softmax of exp(−CE), the original) | `softmin_ce`
+            (softmax of −CE / ce_temperature) | `weights`.
+        lam: weight of the CE term; the fusion term gets 1 − lam.
+        temperature: teacher temperature (teacher only, no T² factor).
+        divergence: `soft_ce` (−Σ P log q, the original) or `kl` (Σ P (log P − log q)).
+        reduction: `mean` (each term over the rows its mask admits), `sum`, `none` ([N] or [B, T]).
+        return_parts: also return `FusionLossParts` (device tensors, no host sync).
+        validate: inspect values too (ids/labels in range, finite teachers, ...); syncs.
+        backend: `auto` (Triton on CUDA, PyTorch otherwise), `triton`, `torch`.
+        inplace_backward: Triton only, eager only: write the gradient over `logits` during the
+            forward, saving an [N, V] buffer; `logits` must not be used afterwards.
+
+    The gradient flows to `logits` only.
+    """
+    check_options(
+        strategy=strategy, divergence=divergence, reduction=reduction, backend=backend, lam=lam,
+        temperature=temperature, ce_temperature=ce_temperature,
+    )
+    check_strategy_inputs(strategy, teacher_ce, source_weights)
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise FusionInputError(f"logits have dtype {logits.dtype}; use bfloat16, float16 or float32")
+    row_shape = tuple(logits.shape[:-1])
+    vocab = logits.shape[-1]
+    inp = prepare_fusion_inputs(
+        row_shape, vocab, logits.device, labels, teacher_ids, teacher_logits,
+        teacher_ce=teacher_ce, segment_ids=segment_ids, source_weights=source_weights, fusion_mask=fusion_mask,
+        ignore_index=ignore_index, validate=validate,
+    )
+    use_triton = _use_triton(backend, logits.device)
+    if inplace_backward and not use_triton:
+        raise FusionInputError("inplace_backward=True needs the Triton backend (CUDA tensors or backend='triton')")
+    z = logits.reshape(-1, vocab)
+    if z.numel() and z.stride(1) != 1:
+        z = z.contiguous()  # the kernels stream rows; a strided vocabulary axis is copied once
+
+    weights = candidate_row_weights(
+        inp.teacher_ce, inp.labels, inp.segment_ids, inp.source_weights, strategy=strategy,
+        ce_temperature=ce_temperature, ignore_index=ignore_index, use_triton=use_triton,
+    )
+    n_ce = (inp.labels != ignore_index).sum()
+    n_fusion = inp.fusion_mask.sum()
+    if reduction == "mean":
+        ce_coef = lam / n_ce.clamp_min(1).float()
+        f_coef = (1.0 - lam) / n_fusion.clamp_min(1).float()
+    else:
+        ce_coef = torch.full((), lam, dtype=torch.float32, device=z.device)
+        f_coef = torch.full((), 1.0 - lam, dtype=torch.float32, device=z.device)
+    kl = divergence == "kl"
+
+    if use_triton:
+        from fusellm_kernels.ops import fusion_loss as triton_ops
+
+        fmask = inp.fusion_mask.to(torch.uint8)
+        if inplace_backward:
+            row_loss, ce_rows, d_rows = triton_ops.InplaceFusionLossFunction.apply(
+                z, inp.labels, inp.teacher_ids, inp.teacher_logits, weights, fmask, ce_coef, f_coef,
+                float(temperature), kl, int(ignore_index),
+            )
+        else:
+            compute_grad = torch.is_grad_enabled() and z.requires_grad
+            row_loss, ce_rows, d_rows, _ = triton_ops.fusion_loss_fwd_op(
+                z, inp.labels, inp.teacher_ids, inp.teacher_logits, weights, fmask, ce_coef, f_coef,
+                float(temperature), kl, int(ignore_index), compute_grad,
+            )
+    else:
+        from fusellm_kernels.torch_ops.fusion_loss import fusion_loss_torch
+
+        row_loss, ce_rows, d_rows = fusion_loss_torch(
+            z, inp.labels, inp.teacher_ids, inp.teacher_logits, weights, inp.fusion_mask, ce_coef, f_coef,
+            temperature=temperature, kl=kl, ignore_index=ignore_index,
+        )
+
+    if reduction == "none":
+        loss = row_loss.reshape(row_shape)
+        ce_part, fusion_part = ce_rows.detach().reshape(row_shape), d_rows.detach().reshape(row_shape)
+    else:
+        loss = row_loss.sum()
+        ce_part, fusion_part = ce_rows.detach().sum(), d_rows.detach().sum()
+        if reduction == "mean":
+            ce_part = ce_part / n_ce.clamp_min(1)
+            fusion_part = fusion_part / n_fusion.clamp_min(1)
+    if not return_parts:
+        return loss
+    wins, weight_sums = fusion_parts(weights, inp.teacher_ids, vocab, inp.fusion_mask)
+    return loss, FusionLossParts(ce_part, fusion_part, n_ce, n_fusion, wins, weight_sums)

@@ -1,0 +1,295 @@
+"""Fusion loss on given logits: Triton kernels → launchers → custom ops with autograd.
+
+Notation for one row (z ∈ R^V the student logits, q = softmax(z), lse = log Σ_v exp z_v):
+  candidate s, slot j: id_sj, x_sj = teacher_logit_sj / T over the slots that hold a valid id
+      for the first time in the row (id in [0, V)); p_sj = softmax_j(x_sj)
+  weights w_s (per row, from the CE strategy); A = {s : candidate s has a slot left}
+  P_e = w_s p_sj / Σ_{s∈A} w_s for each entry e = (s, j); the fused teacher at id v is
+      P_v = Σ_{e : id_e = v} P_e (the same id may come from several candidates)
+  CE   = lse − z_label
+  D    = Σ_e P_e (lse − z_{id_e})                    (soft_ce = −Σ_v P_v log q_v)
+       + Σ_e P_e log P_{id_e}                         (kl adds Σ_v P_v log P_v)
+  loss row ℓ = a·CE + b·D, with a = ce_coef·[label ≠ ignore] and
+      b = f_coef·[fusion_mask and Σ_{s∈A} w_s > 0]; the launcher's caller folds λ, 1 − λ and
+      the mean's 1/count into ce_coef and f_coef (device scalars: no host sync).
+Gradient (both divergences, since Σ_v P_v = 1):
+  ∂ℓ/∂z_v = (a + b)·q_v − a·[v = label] − b·P_v
+
+The forward kernel reads a row twice: pass 1 finds lse online, pass 2 walks the row backwards
+(the most recently read blocks are still in L2) and writes (a + b)·q; after a barrier the
+≤ S·K + 1 sparse positions are rewritten with their corrections. The gradient is thus
+computed in the forward for an upstream gradient of 1; the backward multiplies rows whose
+upstream gradient is not exactly 1 (a device-side test, so `loss.backward()` costs no pass
+over the logits and no host sync). Memory: the gradient [N, V] in the logits' dtype (or the
+logits themselves with inplace_backward) and O(N·S) floats; never an fp32 [N, V] buffer.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _fusion_loss_kernel(
+    logits_ptr, labels_ptr, ids_ptr, tlog_ptr, w_ptr, fmask_ptr, ce_coef_ptr, f_coef_ptr,
+    row_loss_ptr, ce_row_ptr, d_row_ptr, grad_ptr,
+    stride_zn, stride_ln, stride_is, stride_in, stride_ik, stride_ts, stride_tn, stride_tk,
+    stride_ws, stride_wn, stride_gn,
+    V, S, K,
+    inv_temperature, ignore_index,
+    BLOCK_V: tl.constexpr, S_P: tl.constexpr, K_P: tl.constexpr,
+    KL: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = logits_ptr + row * stride_zn
+    label = tl.load(labels_ptr + row * stride_ln)
+    ce_on = label != ignore_index
+    label_ok = ce_on & (label >= 0) & (label < V)
+
+    # ---- the candidates' sparse distributions, [S_P, K_P] ----
+    s_idx = tl.arange(0, S_P)
+    k_idx = tl.arange(0, K_P)
+    slot_ok = (s_idx[:, None] < S) & (k_idx[None, :] < K)
+    ids = tl.load(ids_ptr + s_idx[:, None] * stride_is + row * stride_in + k_idx[None, :] * stride_ik,
+                  mask=slot_ok, other=-1).to(tl.int32)
+    valid = slot_ok & (ids >= 0) & (ids < V)
+    # slot j repeats an id already held by an earlier valid slot i < j of the same candidate
+    same = ids[:, :, None] == ids[:, None, :]
+    earlier = k_idx[None, None, :] < k_idx[None, :, None]
+    repeat = tl.max((same & earlier & valid[:, None, :]).to(tl.int32), axis=2) > 0
+    keep = valid & (repeat == 0)
+    x = tl.load(tlog_ptr + s_idx[:, None] * stride_ts + row * stride_tn + k_idx[None, :] * stride_tk,
+                mask=keep, other=0.0).to(tl.float32) * inv_temperature
+    x = tl.where(keep, x, float("-inf"))
+    has_s = tl.sum(keep.to(tl.int32), axis=1) > 0
+    x_max = tl.where(has_s, tl.max(x, axis=1), 0.0)
+    ex = tl.where(keep, tl.exp(x - x_max[:, None]), 0.0)
+    p = ex / tl.where(has_s, tl.sum(ex, axis=1), 1.0)[:, None]
+    w = tl.load(w_ptr + s_idx * stride_ws + row * stride_wn, mask=s_idx < S, other=0.0).to(tl.float32)
+    w = tl.where(has_s, w, 0.0)
+    w_total = tl.sum(w, axis=0)
+    fmask = tl.load(fmask_ptr + row) != 0
+    has_f = fmask & (w_total > 0)
+    P = w[:, None] * p / tl.where(w_total > 0, w_total, 1.0)
+
+    E: tl.constexpr = S_P * K_P
+    e_ids = tl.reshape(ids, [E])
+    e_keep = tl.reshape(keep, [E])
+    e_P = tl.reshape(P, [E])
+
+    # ---- pass 1: lse = log Σ exp z, online over blocks of the row ----
+    v_off = tl.arange(0, BLOCK_V)
+    m = float("-inf")
+    acc = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + v_off
+        z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(acc)
+
+    # ---- loss terms (gathered before pass 2, which may overwrite the logits) ----
+    z_label = tl.load(z_row + label, mask=label_ok, other=0.0).to(tl.float32)
+    e_z = tl.load(z_row + e_ids, mask=e_keep, other=0.0).to(tl.float32)
+    ce = tl.where(ce_on, lse - z_label, 0.0)
+    d = tl.sum(tl.where(e_keep, e_P * (lse - e_z), 0.0), axis=0)
+    same_id = (e_ids[:, None] == e_ids[None, :]) & e_keep[:, None] & e_keep[None, :]
+    if KL:
+        merged = tl.sum(tl.where(same_id, e_P[None, :], 0.0), axis=1)  # P_{id_e}
+        d += tl.sum(tl.where(e_keep & (e_P > 0), e_P * tl.log(tl.where(e_P > 0, merged, 1.0)), 0.0), axis=0)
+    d = tl.where(has_f, d, 0.0)
+    a = tl.where(ce_on, tl.load(ce_coef_ptr).to(tl.float32), 0.0)
+    b = tl.where(has_f, tl.load(f_coef_ptr).to(tl.float32), 0.0)
+    tl.store(ce_row_ptr + row, ce)
+    tl.store(d_row_ptr + row, d)
+    tl.store(row_loss_ptr + row, a * ce + b * d)
+
+    if COMPUTE_GRAD:
+        g_row = grad_ptr + row * stride_gn
+        c = a + b
+        # ---- pass 2, backwards: the dense part (a + b)·q ----
+        n_blocks = tl.cdiv(V, BLOCK_V)
+        for i in range(0, n_blocks):
+            cols = (n_blocks - 1 - i) * BLOCK_V + v_off
+            z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+            tl.store(g_row + cols, (c * tl.exp(z - lse)).to(grad_ptr.dtype.element_ty), mask=cols < V)
+        # The sparse rewrites below must land after every thread's dense stores.
+        tl.debug_barrier()
+        # ---- the sparse corrections, duplicates merged so each position is written once ----
+        e_idx = tl.arange(0, E)
+        first = e_keep & (tl.sum((same_id & (e_idx[None, :] < e_idx[:, None])).to(tl.int32), axis=1) == 0)
+        e_coef = tl.sum(tl.where(same_id, b * e_P[None, :], 0.0), axis=1) + tl.where(e_ids == label, a, 0.0)
+        e_grad = c * tl.exp(e_z - lse) - e_coef
+        tl.store(g_row + e_ids, e_grad.to(grad_ptr.dtype.element_ty), mask=first)
+        label_in_teacher = tl.sum((e_keep & (e_ids == label)).to(tl.int32), axis=0) > 0
+        g_label = c * tl.exp(z_label - lse) - a
+        tl.store(g_row + label, g_label.to(grad_ptr.dtype.element_ty), mask=label_ok & (label_in_teacher == 0))
+
+
+@triton.jit
+def _scale_rows_kernel(grad_ptr, gout_ptr, stride_gn, stride_o, V, BLOCK_V: tl.constexpr):
+    """grad[n, :] *= gout[n], skipped when gout[n] == 1 (the usual `loss.backward()`)."""
+    row = tl.program_id(0).to(tl.int64)
+    scale = tl.load(gout_ptr + row * stride_o).to(tl.float32)
+    if scale != 1.0:
+        g_row = grad_ptr + row * stride_gn
+        v_off = tl.arange(0, BLOCK_V)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + v_off
+            g = tl.load(g_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+            tl.store(g_row + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=cols < V)
+
+
+def _block_v(v: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_V, num_warps): wide blocks under the interpreter (its cost is per op), a
+    register-friendly 4096-wide block with 8 warps on GPUs (16 for large vocabularies)."""
+    if device.type != "cuda":
+        return min(triton.next_power_of_2(v), 1 << 15), 4
+    return min(triton.next_power_of_2(v), 4096), (16 if v >= 65536 else 8)
+
+
+def fusion_loss_forward(
+    logits: Tensor,
+    labels: Tensor,
+    teacher_ids: Tensor,
+    teacher_logits: Tensor,
+    weights: Tensor,
+    fusion_mask: Tensor,
+    ce_coef: Tensor,
+    f_coef: Tensor,
+    *,
+    temperature: float,
+    kl: bool,
+    ignore_index: int,
+    grad: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Row losses and, when `grad` is given, the gradient for an upstream gradient of 1.
+
+    logits [N, V] bf16/fp16/fp32 with unit stride along V; labels [N] int; teacher_ids and
+    teacher_logits [S, N, K] (any strides); weights [S, N] float; fusion_mask [N] bool or
+    uint8; ce_coef, f_coef float32 scalars on the device; grad [N, V] with unit stride along V
+    (it may be `logits` itself). Returns row_loss, ce_row, d_row, each float32 [N].
+    Peak extra memory: 12·N bytes (plus `grad`, owned by the caller).
+    """
+    n, v = logits.shape
+    s, _, k = teacher_ids.shape
+    row_loss, ce_row, d_row = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
+    if n == 0:
+        return row_loss, ce_row, d_row
+    block_v, num_warps = _block_v(v, logits.device)
+    out = grad if grad is not None else logits  # unused when COMPUTE_GRAD is off
+    _fusion_loss_kernel[(n,)](
+        logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef,
+        row_loss, ce_row, d_row, out,
+        logits.stride(0), labels.stride(0),
+        teacher_ids.stride(0), teacher_ids.stride(1), teacher_ids.stride(2),
+        teacher_logits.stride(0), teacher_logits.stride(1), teacher_logits.stride(2),
+        weights.stride(0), weights.stride(1), out.stride(0),
+        v, s, k,
+        1.0 / temperature, ignore_index,
+        BLOCK_V=block_v, S_P=triton.next_power_of_2(s), K_P=triton.next_power_of_2(k),
+        KL=kl, COMPUTE_GRAD=grad is not None, num_warps=num_warps,
+    )
+    return row_loss, ce_row, d_row
+
+
+def scale_rows_(grad: Tensor, grad_output: Tensor) -> Tensor:
+    """grad [N, V] *= grad_output [N] row-wise, in place; rows scaled by exactly 1 are not touched."""
+    n, v = grad.shape
+    if n:
+        block_v, num_warps = _block_v(v, grad.device)
+        _scale_rows_kernel[(n,)](grad, grad_output, grad.stride(0), grad_output.stride(0), v, BLOCK_V=block_v, num_warps=num_warps)
+    return grad
+
+
+# ---- custom ops: opaque to torch.compile, so the loss never breaks a compiled graph ----
+
+@torch.library.custom_op("fusellm::fusion_loss_fwd", mutates_args=())
+def fusion_loss_fwd_op(
+    logits: Tensor,
+    labels: Tensor,
+    teacher_ids: Tensor,
+    teacher_logits: Tensor,
+    weights: Tensor,
+    fusion_mask: Tensor,
+    ce_coef: Tensor,
+    f_coef: Tensor,
+    temperature: float,
+    kl: bool,
+    ignore_index: int,
+    compute_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    row_loss, ce_row, d_row = fusion_loss_forward(
+        logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef,
+        temperature=temperature, kl=kl, ignore_index=ignore_index, grad=grad if compute_grad else None,
+    )
+    return row_loss, ce_row, d_row, grad
+
+
+@fusion_loss_fwd_op.register_fake
+def _(logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, temperature, kl, ignore_index, compute_grad):
+    n = logits.shape[0]
+    rows = [logits.new_empty(n, dtype=torch.float32) for _ in range(3)]
+    return (*rows, torch.empty_like(logits) if compute_grad else logits.new_empty(0))
+
+
+@torch.library.custom_op("fusellm::scale_rows_", mutates_args=("grad",))
+def scale_rows_op(grad: Tensor, grad_output: Tensor) -> None:
+    scale_rows_(grad, grad_output)
+
+
+@scale_rows_op.register_fake
+def _(grad: Tensor, grad_output: Tensor) -> None:
+    return None
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[3])
+    ctx.n_inputs = len(inputs)
+    ctx.spent = False
+
+
+def _backward(ctx, g_row_loss, g_ce, g_d, g_grad):
+    if ctx.spent:
+        raise RuntimeError(
+            "fusion_loss computes its gradient in the forward and scales it in place, so its backward "
+            "can run only once; recompute the loss instead of using retain_graph=True"
+        )
+    ctx.spent = True
+    (grad,) = ctx.saved_tensors
+    torch.ops.fusellm.scale_rows_(grad, g_row_loss)
+    return (grad,) + (None,) * (ctx.n_inputs - 1)
+
+
+fusion_loss_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class InplaceFusionLossFunction(torch.autograd.Function):
+    """Eager-only variant that writes the gradient over the logits (no extra [N, V] buffer).
+
+    After the forward the logits tensor holds the gradient: it must not be read again.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, temperature, kl, ignore_index):
+        row_loss, ce_row, d_row = fusion_loss_forward(
+            logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef,
+            temperature=temperature, kl=kl, ignore_index=ignore_index, grad=logits,
+        )
+        ctx.save_for_backward(logits)
+        ctx.spent = False
+        ctx.mark_non_differentiable(ce_row, d_row)
+        return row_loss, ce_row, d_row
+
+    @staticmethod
+    def backward(ctx, g_row_loss, g_ce, g_d):
+        if ctx.spent:
+            raise RuntimeError("fusion_loss(inplace_backward=True) can be backpropagated only once")
+        ctx.spent = True
+        (grad,) = ctx.saved_tensors
+        scale_rows_(grad, g_row_loss)
+        return (grad,) + (None,) * 10
