@@ -160,7 +160,7 @@ def fusion_loss(
             )
         else:
             compute_grad = torch.is_grad_enabled() and z.requires_grad
-            row_loss, ce_rows, d_rows, _ = triton_ops.fusion_loss_fwd_op(
+            row_loss, ce_rows, d_rows, _, _ = triton_ops.fusion_loss_fwd_op(
                 z, inp.labels, inp.teacher_ids, inp.teacher_logits, weights, fmask, ce_coef, f_coef,
                 float(temperature), kl, int(ignore_index), compute_grad,
             )

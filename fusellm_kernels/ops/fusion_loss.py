@@ -25,6 +25,8 @@ logits themselves with inplace_backward) and O(N·S) floats; never an fp32 [N, V
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -32,105 +34,137 @@ from torch import Tensor
 
 
 @triton.jit
-def _fusion_loss_kernel(
-    logits_ptr, labels_ptr, ids_ptr, tlog_ptr, w_ptr, fmask_ptr, ce_coef_ptr, f_coef_ptr,
-    row_loss_ptr, ce_row_ptr, d_row_ptr, grad_ptr,
-    stride_zn, stride_ln, stride_is, stride_in, stride_ik, stride_ts, stride_tn, stride_tk,
-    stride_ws, stride_wn, stride_gn,
-    V, S, K,
-    inv_temperature, ignore_index,
-    BLOCK_V: tl.constexpr, S_P: tl.constexpr, K_P: tl.constexpr,
-    KL: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    z_row = logits_ptr + row * stride_zn
-    label = tl.load(labels_ptr + row * stride_ln)
-    ce_on = label != ignore_index
-    label_ok = ce_on & (label >= 0) & (label < V)
+def _to_store(x, ptr, RNE_BF16: tl.constexpr):
+    """x (fp32) in the element type of `ptr`, rounded to nearest even.
 
-    # ---- the candidates' sparse distributions, [S_P, K_P] ----
-    s_idx = tl.arange(0, S_P)
-    k_idx = tl.arange(0, K_P)
-    slot_ok = (s_idx[:, None] < S) & (k_idx[None, :] < K)
-    ids = tl.load(ids_ptr + s_idx[:, None] * stride_is + row * stride_in + k_idx[None, :] * stride_ik,
-                  mask=slot_ok, other=-1).to(tl.int32)
-    valid = slot_ok & (ids >= 0) & (ids < V)
-    # slot j repeats an id already held by an earlier valid slot i < j of the same candidate
-    same = ids[:, :, None] == ids[:, None, :]
-    earlier = k_idx[None, None, :] < k_idx[None, :, None]
-    repeat = tl.max((same & earlier & valid[:, None, :]).to(tl.int32), axis=2) > 0
-    keep = valid & (repeat == 0)
-    x = tl.load(tlog_ptr + s_idx[:, None] * stride_ts + row * stride_tn + k_idx[None, :] * stride_tk,
-                mask=keep, other=0.0).to(tl.float32) * inv_temperature
-    x = tl.where(keep, x, float("-inf"))
-    has_s = tl.sum(keep.to(tl.int32), axis=1) > 0
-    x_max = tl.where(has_s, tl.max(x, axis=1), 0.0)
-    ex = tl.where(keep, tl.exp(x - x_max[:, None]), 0.0)
-    p = ex / tl.where(has_s, tl.sum(ex, axis=1), 1.0)[:, None]
-    w = tl.load(w_ptr + s_idx * stride_ws + row * stride_wn, mask=s_idx < S, other=0.0).to(tl.float32)
-    w = tl.where(has_s, w, 0.0)
-    w_total = tl.sum(w, axis=0)
-    fmask = tl.load(fmask_ptr + row) != 0
-    has_f = fmask & (w_total > 0)
-    P = w[:, None] * p / tl.where(w_total > 0, w_total, 1.0)
-
-    E: tl.constexpr = S_P * K_P
-    e_ids = tl.reshape(ids, [E])
-    e_keep = tl.reshape(keep, [E])
-    e_P = tl.reshape(P, [E])
-
-    # ---- pass 1: lse = log Σ exp z, online over blocks of the row ----
-    v_off = tl.arange(0, BLOCK_V)
-    m = float("-inf")
-    acc = 0.0
-    for v0 in range(0, V, BLOCK_V):
-        cols = v0 + v_off
-        z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-        m = m_new
-    lse = m + tl.log(acc)
-
-    # ---- loss terms (gathered before pass 2, which may overwrite the logits) ----
-    z_label = tl.load(z_row + label, mask=label_ok, other=0.0).to(tl.float32)
-    e_z = tl.load(z_row + e_ids, mask=e_keep, other=0.0).to(tl.float32)
-    ce = tl.where(ce_on, lse - z_label, 0.0)
-    d = tl.sum(tl.where(e_keep, e_P * (lse - e_z), 0.0), axis=0)
-    same_id = (e_ids[:, None] == e_ids[None, :]) & e_keep[:, None] & e_keep[None, :]
-    if KL:
-        merged = tl.sum(tl.where(same_id, e_P[None, :], 0.0), axis=1)  # P_{id_e}
-        d += tl.sum(tl.where(e_keep & (e_P > 0), e_P * tl.log(tl.where(e_P > 0, merged, 1.0)), 0.0), axis=0)
-    d = tl.where(has_f, d, 0.0)
-    a = tl.where(ce_on, tl.load(ce_coef_ptr).to(tl.float32), 0.0)
-    b = tl.where(has_f, tl.load(f_coef_ptr).to(tl.float32), 0.0)
-    tl.store(ce_row_ptr + row, ce)
-    tl.store(d_row_ptr + row, d)
-    tl.store(row_loss_ptr + row, a * ce + b * d)
-
-    if COMPUTE_GRAD:
-        g_row = grad_ptr + row * stride_gn
-        c = a + b
-        # ---- pass 2, backwards: the dense part (a + b)·q ----
-        n_blocks = tl.cdiv(V, BLOCK_V)
-        for i in range(0, n_blocks):
-            cols = (n_blocks - 1 - i) * BLOCK_V + v_off
-            z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-            tl.store(g_row + cols, (c * tl.exp(z - lse)).to(grad_ptr.dtype.element_ty), mask=cols < V)
-        # The sparse rewrites below must land after every thread's dense stores.
-        tl.debug_barrier()
-        # ---- the sparse corrections, duplicates merged so each position is written once ----
-        e_idx = tl.arange(0, E)
-        first = e_keep & (tl.sum((same_id & (e_idx[None, :] < e_idx[:, None])).to(tl.int32), axis=1) == 0)
-        e_coef = tl.sum(tl.where(same_id, b * e_P[None, :], 0.0), axis=1) + tl.where(e_ids == label, a, 0.0)
-        e_grad = c * tl.exp(e_z - lse) - e_coef
-        tl.store(g_row + e_ids, e_grad.to(grad_ptr.dtype.element_ty), mask=first)
-        label_in_teacher = tl.sum((e_keep & (e_ids == label)).to(tl.int32), axis=0) > 0
-        g_label = c * tl.exp(z_label - lse) - a
-        tl.store(g_row + label, g_label.to(grad_ptr.dtype.element_ty), mask=label_ok & (label_in_teacher == 0))
+    GPUs round fp32 → bf16 to nearest even; the Triton interpreter truncates. Under the
+    interpreter (RNE_BF16) the rounding is done on the bits first, so the CPU tests see the
+    GPU's numbers: the result is exact in bf16 and any conversion keeps it.
+    """
+    if RNE_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(ptr.dtype.element_ty)
 
 
 @triton.jit
-def _scale_rows_kernel(grad_ptr, gout_ptr, stride_gn, stride_o, V, BLOCK_V: tl.constexpr):
+def _fusion_loss_kernel(
+    logits_ptr, labels_ptr, ids_ptr, tlog_ptr, w_ptr, fmask_ptr, ce_coef_ptr, f_coef_ptr, up_ptr,
+    row_loss_ptr, ce_row_ptr, d_row_ptr, lse_ptr, grad_ptr,
+    stride_zn, stride_ln, stride_is, stride_in, stride_ik, stride_ts, stride_tn, stride_tk,
+    stride_ws, stride_wn, stride_up, stride_gn,
+    V, S, K,
+    inv_temperature, ignore_index,
+    BLOCK_V: tl.constexpr, S_P: tl.constexpr, K_P: tl.constexpr,
+    KL: tl.constexpr, WRITE_GRAD: tl.constexpr, BACKWARD: tl.constexpr, RNE_BF16: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    if BACKWARD:
+        # Rows whose upstream gradient is exactly 1 keep the gradient the forward wrote;
+        # the others are recomputed from the logits with the upstream folded in (one rounding).
+        up = tl.load(up_ptr + row * stride_up).to(tl.float32)
+        todo = up != 1.0
+    else:
+        up = 1.0
+        todo = row >= 0
+    if todo:
+        z_row = logits_ptr + row * stride_zn
+        label = tl.load(labels_ptr + row * stride_ln)
+        ce_on = label != ignore_index
+        label_ok = ce_on & (label >= 0) & (label < V)
+
+        # ---- the candidates' sparse distributions, [S_P, K_P] ----
+        s_idx = tl.arange(0, S_P)
+        k_idx = tl.arange(0, K_P)
+        slot_ok = (s_idx[:, None] < S) & (k_idx[None, :] < K)
+        ids = tl.load(ids_ptr + s_idx[:, None] * stride_is + row * stride_in + k_idx[None, :] * stride_ik,
+                      mask=slot_ok, other=-1).to(tl.int32)
+        valid = slot_ok & (ids >= 0) & (ids < V)
+        # slot j repeats an id already held by an earlier valid slot i < j of the same candidate
+        same = ids[:, :, None] == ids[:, None, :]
+        earlier = k_idx[None, None, :] < k_idx[None, :, None]
+        repeat = tl.max((same & earlier & valid[:, None, :]).to(tl.int32), axis=2) > 0
+        keep = valid & (repeat == 0)
+        x = tl.load(tlog_ptr + s_idx[:, None] * stride_ts + row * stride_tn + k_idx[None, :] * stride_tk,
+                    mask=keep, other=0.0).to(tl.float32) * inv_temperature
+        x = tl.where(keep, x, float("-inf"))
+        has_s = tl.sum(keep.to(tl.int32), axis=1) > 0
+        x_max = tl.where(has_s, tl.max(x, axis=1), 0.0)
+        ex = tl.where(keep, tl.exp(x - x_max[:, None]), 0.0)
+        p = ex / tl.where(has_s, tl.sum(ex, axis=1), 1.0)[:, None]
+        w = tl.load(w_ptr + s_idx * stride_ws + row * stride_wn, mask=s_idx < S, other=0.0).to(tl.float32)
+        w = tl.where(has_s, w, 0.0)
+        w_total = tl.sum(w, axis=0)
+        fmask = tl.load(fmask_ptr + row) != 0
+        has_f = fmask & (w_total > 0)
+        P = w[:, None] * p / tl.where(w_total > 0, w_total, 1.0)
+
+        E: tl.constexpr = S_P * K_P
+        e_ids = tl.reshape(ids, [E])
+        e_keep = tl.reshape(keep, [E])
+        e_P = tl.reshape(P, [E])
+        same_id = (e_ids[:, None] == e_ids[None, :]) & e_keep[:, None] & e_keep[None, :]
+
+        v_off = tl.arange(0, BLOCK_V)
+        if BACKWARD:
+            lse = tl.load(lse_ptr + row)
+        else:
+            # ---- pass 1: lse = log Σ exp z, online over blocks of the row ----
+            m = float("-inf")
+            acc = 0.0
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + v_off
+                z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                m_new = tl.maximum(m, tl.max(z, axis=0))
+                acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+                m = m_new
+            lse = m + tl.log(acc)
+            tl.store(lse_ptr + row, lse)
+
+        # gathered before pass 2, which may overwrite the logits
+        z_label = tl.load(z_row + label, mask=label_ok, other=0.0).to(tl.float32)
+        e_z = tl.load(z_row + e_ids, mask=e_keep, other=0.0).to(tl.float32)
+        a = tl.where(ce_on, tl.load(ce_coef_ptr).to(tl.float32), 0.0)
+        b = tl.where(has_f, tl.load(f_coef_ptr).to(tl.float32), 0.0)
+        if not BACKWARD:
+            # ---- loss terms ----
+            ce = tl.where(ce_on, lse - z_label, 0.0)
+            d = tl.sum(tl.where(e_keep, e_P * (lse - e_z), 0.0), axis=0)
+            if KL:
+                merged = tl.sum(tl.where(same_id, e_P[None, :], 0.0), axis=1)  # P at id_e
+                d += tl.sum(tl.where(e_keep & (e_P > 0), e_P * tl.log(tl.where(e_P > 0, merged, 1.0)), 0.0), axis=0)
+            d = tl.where(has_f, d, 0.0)
+            tl.store(ce_row_ptr + row, ce)
+            tl.store(d_row_ptr + row, d)
+            tl.store(row_loss_ptr + row, a * ce + b * d)
+
+        if WRITE_GRAD:
+            a = a * up
+            b = b * up
+            c = a + b
+            g_row = grad_ptr + row * stride_gn
+            # ---- pass 2, backwards: the dense part (a + b)·q ----
+            n_blocks = tl.cdiv(V, BLOCK_V)
+            for i in range(0, n_blocks):
+                cols = (n_blocks - 1 - i) * BLOCK_V + v_off
+                z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+                tl.store(g_row + cols, _to_store(c * tl.exp(z - lse), grad_ptr, RNE_BF16), mask=cols < V)
+            # The sparse rewrites below must land after every thread's dense stores.
+            tl.debug_barrier()
+            # ---- the sparse corrections, duplicates merged so each position is written once ----
+            e_idx = tl.arange(0, E)
+            first = e_keep & (tl.sum((same_id & (e_idx[None, :] < e_idx[:, None])).to(tl.int32), axis=1) == 0)
+            e_coef = tl.sum(tl.where(same_id, b * e_P[None, :], 0.0), axis=1) + tl.where(e_ids == label, a, 0.0)
+            e_grad = c * tl.exp(e_z - lse) - e_coef
+            tl.store(g_row + e_ids, _to_store(e_grad, grad_ptr, RNE_BF16), mask=first)
+            label_in_teacher = tl.sum((e_keep & (e_ids == label)).to(tl.int32), axis=0) > 0
+            g_label = c * tl.exp(z_label - lse) - a
+            tl.store(g_row + label, _to_store(g_label, grad_ptr, RNE_BF16), mask=label_ok & (label_in_teacher == 0))
+
+
+@triton.jit
+def _scale_rows_kernel(grad_ptr, gout_ptr, stride_gn, stride_o, V, BLOCK_V: tl.constexpr, RNE_BF16: tl.constexpr):
     """grad[n, :] *= gout[n], skipped when gout[n] == 1 (the usual `loss.backward()`)."""
     row = tl.program_id(0).to(tl.int64)
     scale = tl.load(gout_ptr + row * stride_o).to(tl.float32)
@@ -140,7 +174,11 @@ def _scale_rows_kernel(grad_ptr, gout_ptr, stride_gn, stride_o, V, BLOCK_V: tl.c
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + v_off
             g = tl.load(g_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-            tl.store(g_row + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=cols < V)
+            tl.store(g_row + cols, _to_store(g * scale, grad_ptr, RNE_BF16), mask=cols < V)
+
+
+def _rne_bf16(out: Tensor) -> bool:
+    return out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _block_v(v: int, device: torch.device) -> tuple[int, int]:
@@ -149,6 +187,34 @@ def _block_v(v: int, device: torch.device) -> tuple[int, int]:
     if device.type != "cuda":
         return min(triton.next_power_of_2(v), 1 << 15), 4
     return min(triton.next_power_of_2(v), 4096), (16 if v >= 65536 else 8)
+
+
+def _launch(
+    logits: Tensor, labels: Tensor, teacher_ids: Tensor, teacher_logits: Tensor, weights: Tensor, fusion_mask: Tensor,
+    ce_coef: Tensor, f_coef: Tensor, lse: Tensor, grad: Tensor | None, upstream: Tensor | None,
+    rows: tuple[Tensor, Tensor, Tensor] | None, *, temperature: float, kl: bool, ignore_index: int,
+) -> None:
+    n, v = logits.shape
+    if n == 0:
+        return
+    s, _, k = teacher_ids.shape
+    block_v, num_warps = _block_v(v, logits.device)
+    out = grad if grad is not None else logits  # not written unless WRITE_GRAD
+    up = upstream if upstream is not None else lse  # not read unless BACKWARD
+    row_loss, ce_row, d_row = rows if rows is not None else (lse, lse, lse)  # not written in BACKWARD
+    _fusion_loss_kernel[(n,)](
+        logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, up,
+        row_loss, ce_row, d_row, lse, out,
+        logits.stride(0), labels.stride(0),
+        teacher_ids.stride(0), teacher_ids.stride(1), teacher_ids.stride(2),
+        teacher_logits.stride(0), teacher_logits.stride(1), teacher_logits.stride(2),
+        weights.stride(0), weights.stride(1), up.stride(0), out.stride(0),
+        v, s, k,
+        1.0 / temperature, ignore_index,
+        BLOCK_V=block_v, S_P=triton.next_power_of_2(s), K_P=triton.next_power_of_2(k),
+        KL=kl, WRITE_GRAD=grad is not None, BACKWARD=upstream is not None, RNE_BF16=_rne_bf16(out),
+        num_warps=num_warps,
+    )
 
 
 def fusion_loss_forward(
@@ -165,43 +231,42 @@ def fusion_loss_forward(
     kl: bool,
     ignore_index: int,
     grad: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Row losses and, when `grad` is given, the gradient for an upstream gradient of 1.
 
     logits [N, V] bf16/fp16/fp32 with unit stride along V; labels [N] int; teacher_ids and
-    teacher_logits [S, N, K] (any strides); weights [S, N] float; fusion_mask [N] bool or
-    uint8; ce_coef, f_coef float32 scalars on the device; grad [N, V] with unit stride along V
-    (it may be `logits` itself). Returns row_loss, ce_row, d_row, each float32 [N].
-    Peak extra memory: 12·N bytes (plus `grad`, owned by the caller).
+    teacher_logits [S, N, K] (any strides); weights [S, N] float; fusion_mask [N] uint8;
+    ce_coef, f_coef float32 scalars on the device; grad [N, V] with unit stride along V (it
+    may be `logits` itself). Returns row_loss, ce_row, d_row, lse, each float32 [N].
+    Peak extra memory: 16·N bytes (plus `grad`, owned by the caller).
     """
-    n, v = logits.shape
-    s, _, k = teacher_ids.shape
-    row_loss, ce_row, d_row = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(3))
-    if n == 0:
-        return row_loss, ce_row, d_row
-    block_v, num_warps = _block_v(v, logits.device)
-    out = grad if grad is not None else logits  # unused when COMPUTE_GRAD is off
-    _fusion_loss_kernel[(n,)](
-        logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef,
-        row_loss, ce_row, d_row, out,
-        logits.stride(0), labels.stride(0),
-        teacher_ids.stride(0), teacher_ids.stride(1), teacher_ids.stride(2),
-        teacher_logits.stride(0), teacher_logits.stride(1), teacher_logits.stride(2),
-        weights.stride(0), weights.stride(1), out.stride(0),
-        v, s, k,
-        1.0 / temperature, ignore_index,
-        BLOCK_V=block_v, S_P=triton.next_power_of_2(s), K_P=triton.next_power_of_2(k),
-        KL=kl, COMPUTE_GRAD=grad is not None, num_warps=num_warps,
-    )
-    return row_loss, ce_row, d_row
+    n = logits.shape[0]
+    row_loss, ce_row, d_row, lse = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(4))
+    _launch(logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, lse, grad, None,
+            (row_loss, ce_row, d_row), temperature=temperature, kl=kl, ignore_index=ignore_index)
+    return row_loss, ce_row, d_row, lse
+
+
+def fusion_loss_backward_(
+    grad: Tensor, upstream: Tensor, logits: Tensor, labels: Tensor, teacher_ids: Tensor, teacher_logits: Tensor,
+    weights: Tensor, fusion_mask: Tensor, ce_coef: Tensor, f_coef: Tensor, lse: Tensor, *, temperature: float, ignore_index: int,
+) -> Tensor:
+    """Finish the gradient written by `fusion_loss_forward` for the upstream gradient [N] of the
+    row losses: rows with upstream exactly 1 are left alone, the others are recomputed from the
+    logits and `lse` (one read, one write). In place on `grad`; no extra memory."""
+    _launch(logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, lse, grad, upstream,
+            None, temperature=temperature, kl=False, ignore_index=ignore_index)
+    return grad
 
 
 def scale_rows_(grad: Tensor, grad_output: Tensor) -> Tensor:
-    """grad [N, V] *= grad_output [N] row-wise, in place; rows scaled by exactly 1 are not touched."""
+    """grad [N, V] *= grad_output [N] row-wise, in place; rows scaled by exactly 1 are not touched.
+    Used when the logits are gone (inplace_backward): the result is rounded twice."""
     n, v = grad.shape
     if n:
         block_v, num_warps = _block_v(v, grad.device)
-        _scale_rows_kernel[(n,)](grad, grad_output, grad.stride(0), grad_output.stride(0), v, BLOCK_V=block_v, num_warps=num_warps)
+        _scale_rows_kernel[(n,)](grad, grad_output, grad.stride(0), grad_output.stride(0), v,
+                                 BLOCK_V=block_v, RNE_BF16=_rne_bf16(grad), num_warps=num_warps)
     return grad
 
 
@@ -221,47 +286,54 @@ def fusion_loss_fwd_op(
     kl: bool,
     ignore_index: int,
     compute_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
-    row_loss, ce_row, d_row = fusion_loss_forward(
+    outs = fusion_loss_forward(
         logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef,
         temperature=temperature, kl=kl, ignore_index=ignore_index, grad=grad if compute_grad else None,
     )
-    return row_loss, ce_row, d_row, grad
+    return (*outs, grad)
 
 
 @fusion_loss_fwd_op.register_fake
 def _(logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, temperature, kl, ignore_index, compute_grad):
     n = logits.shape[0]
-    rows = [logits.new_empty(n, dtype=torch.float32) for _ in range(3)]
+    rows = [logits.new_empty(n, dtype=torch.float32) for _ in range(4)]
     return (*rows, torch.empty_like(logits) if compute_grad else logits.new_empty(0))
 
 
-@torch.library.custom_op("fusellm::scale_rows_", mutates_args=("grad",))
-def scale_rows_op(grad: Tensor, grad_output: Tensor) -> None:
-    scale_rows_(grad, grad_output)
+@torch.library.custom_op("fusellm::fusion_loss_bwd_", mutates_args=("grad",))
+def fusion_loss_bwd_op(
+    grad: Tensor, upstream: Tensor, logits: Tensor, labels: Tensor, teacher_ids: Tensor, teacher_logits: Tensor,
+    weights: Tensor, fusion_mask: Tensor, ce_coef: Tensor, f_coef: Tensor, lse: Tensor, temperature: float, ignore_index: int,
+) -> None:
+    fusion_loss_backward_(grad, upstream, logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef,
+                          lse, temperature=temperature, ignore_index=ignore_index)
 
 
-@scale_rows_op.register_fake
-def _(grad: Tensor, grad_output: Tensor) -> None:
+@fusion_loss_bwd_op.register_fake
+def _(grad, upstream, logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, lse, temperature, ignore_index) -> None:
     return None
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(output[3])
+    logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, temperature, _, ignore_index, _ = inputs
+    ctx.save_for_backward(output[4], logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, output[3])
+    ctx.options = (temperature, ignore_index)
     ctx.n_inputs = len(inputs)
     ctx.spent = False
 
 
-def _backward(ctx, g_row_loss, g_ce, g_d, g_grad):
+def _backward(ctx, g_row_loss, g_ce, g_d, g_lse, g_grad):
     if ctx.spent:
         raise RuntimeError(
-            "fusion_loss computes its gradient in the forward and scales it in place, so its backward "
+            "fusion_loss computes its gradient in the forward and finishes it in place, so its backward "
             "can run only once; recompute the loss instead of using retain_graph=True"
         )
     ctx.spent = True
-    (grad,) = ctx.saved_tensors
-    torch.ops.fusellm.scale_rows_(grad, g_row_loss)
+    grad, *saved = ctx.saved_tensors
+    temperature, ignore_index = ctx.options
+    torch.ops.fusellm.fusion_loss_bwd_(grad, g_row_loss, *saved, temperature, ignore_index)
     return (grad,) + (None,) * (ctx.n_inputs - 1)
 
 
@@ -271,12 +343,13 @@ fusion_loss_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 class InplaceFusionLossFunction(torch.autograd.Function):
     """Eager-only variant that writes the gradient over the logits (no extra [N, V] buffer).
 
-    After the forward the logits tensor holds the gradient: it must not be read again.
+    After the forward the logits tensor holds the gradient: it must not be read again. An
+    upstream gradient other than 1 rescales the stored bf16/fp16 gradient (rounded twice).
     """
 
     @staticmethod
     def forward(ctx, logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, temperature, kl, ignore_index):
-        row_loss, ce_row, d_row = fusion_loss_forward(
+        row_loss, ce_row, d_row, _ = fusion_loss_forward(
             logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef,
             temperature=temperature, kl=kl, ignore_index=ignore_index, grad=logits,
         )

@@ -201,6 +201,9 @@ def fusion_loss_reference(
     d_rows = torch.where(fmask & has_teacher, d_rows, 0.0)
 
     loss, ce_part, fusion_part = _reduce(ce_rows, d_rows, ce_on, fmask, lam, reduction)
+    if reduction == "none":
+        batch_shape = logits.shape[:-1]
+        loss, ce_part, fusion_part = (t.reshape(batch_shape) for t in (loss, ce_part, fusion_part))
     if not return_parts:
         return loss
     _, keep = candidate_distributions(ids, tlog, v, temperature, dtype)
@@ -253,4 +256,5 @@ def fusion_loss_gather(
         merged = ((entry_ids[:, :, None] == entry_ids[:, None, :]) * entries[:, None, :]).sum(-1)
         d_rows = d_rows + torch.xlogy(entries, merged).sum(-1)
     d_rows = torch.where(fmask & has_teacher, d_rows, 0.0)
-    return _reduce(ce_rows, d_rows, ce_on, fmask, lam, reduction)[0]
+    loss = _reduce(ce_rows, d_rows, ce_on, fmask, lam, reduction)[0]
+    return loss.reshape(logits.shape[:-1]) if reduction == "none" else loss
