@@ -54,113 +54,116 @@ def _fusion_loss_kernel(
     row_loss_ptr, ce_row_ptr, d_row_ptr, lse_ptr, grad_ptr,
     stride_zn, stride_ln, stride_is, stride_in, stride_ik, stride_ts, stride_tn, stride_tk,
     stride_ws, stride_wn, stride_up, stride_gn,
-    V, S, K,
+    N, V, S, K,
     inv_temperature, ignore_index,
     BLOCK_V: tl.constexpr, S_P: tl.constexpr, K_P: tl.constexpr,
     KL: tl.constexpr, WRITE_GRAD: tl.constexpr, BACKWARD: tl.constexpr, RNE_BF16: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    if BACKWARD:
-        # Rows whose upstream gradient is exactly 1 keep the gradient the forward wrote;
-        # the others are recomputed from the logits with the upstream folded in (one rounding).
-        up = tl.load(up_ptr + row * stride_up).to(tl.float32)
-        todo = up != 1.0
-    else:
-        up = 1.0
-        todo = row >= 0
-    if todo:
-        z_row = logits_ptr + row * stride_zn
-        label = tl.load(labels_ptr + row * stride_ln)
-        ce_on = label != ignore_index
-        label_ok = ce_on & (label >= 0) & (label < V)
-
-        # ---- the candidates' sparse distributions, [S_P, K_P] ----
-        s_idx = tl.arange(0, S_P)
-        k_idx = tl.arange(0, K_P)
-        slot_ok = (s_idx[:, None] < S) & (k_idx[None, :] < K)
-        ids = tl.load(ids_ptr + s_idx[:, None] * stride_is + row * stride_in + k_idx[None, :] * stride_ik,
-                      mask=slot_ok, other=-1).to(tl.int32)
-        valid = slot_ok & (ids >= 0) & (ids < V)
-        # slot j repeats an id already held by an earlier valid slot i < j of the same candidate
-        same = ids[:, :, None] == ids[:, None, :]
-        earlier = k_idx[None, None, :] < k_idx[None, :, None]
-        repeat = tl.max((same & earlier & valid[:, None, :]).to(tl.int32), axis=2) > 0
-        keep = valid & (repeat == 0)
-        x = tl.load(tlog_ptr + s_idx[:, None] * stride_ts + row * stride_tn + k_idx[None, :] * stride_tk,
-                    mask=keep, other=0.0).to(tl.float32) * inv_temperature
-        x = tl.where(keep, x, float("-inf"))
-        has_s = tl.sum(keep.to(tl.int32), axis=1) > 0
-        x_max = tl.where(has_s, tl.max(x, axis=1), 0.0)
-        ex = tl.where(keep, tl.exp(x - x_max[:, None]), 0.0)
-        p = ex / tl.where(has_s, tl.sum(ex, axis=1), 1.0)[:, None]
-        w = tl.load(w_ptr + s_idx * stride_ws + row * stride_wn, mask=s_idx < S, other=0.0).to(tl.float32)
-        w = tl.where(has_s, w, 0.0)
-        w_total = tl.sum(w, axis=0)
-        fmask = tl.load(fmask_ptr + row) != 0
-        has_f = fmask & (w_total > 0)
-        P = w[:, None] * p / tl.where(w_total > 0, w_total, 1.0)
-
-        E: tl.constexpr = S_P * K_P
-        e_ids = tl.reshape(ids, [E])
-        e_keep = tl.reshape(keep, [E])
-        e_P = tl.reshape(P, [E])
-        same_id = (e_ids[:, None] == e_ids[None, :]) & e_keep[:, None] & e_keep[None, :]
-
-        v_off = tl.arange(0, BLOCK_V)
+    # Persistent programs: program p takes rows p, p + P, ... (P = the grid), so the number of
+    # rows in flight, and with it the L2 footprint of pass 2, is the launcher's choice.
+    for r in range(tl.program_id(0), N, tl.num_programs(0)):
+        row = tl.cast(r, tl.int64)  # int64 offsets: N·V can exceed 2**31
         if BACKWARD:
-            lse = tl.load(lse_ptr + row)
+            # Rows whose upstream gradient is exactly 1 keep the gradient the forward wrote;
+            # the others are recomputed from the logits with the upstream folded in (one rounding).
+            up = tl.load(up_ptr + row * stride_up).to(tl.float32)
+            todo = up != 1.0
         else:
-            # ---- pass 1: lse = log Σ exp z, online over blocks of the row ----
-            m = float("-inf")
-            acc = 0.0
-            for v0 in range(0, V, BLOCK_V):
-                cols = v0 + v_off
-                z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-                m_new = tl.maximum(m, tl.max(z, axis=0))
-                acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-                m = m_new
-            lse = m + tl.log(acc)
-            tl.store(lse_ptr + row, lse)
+            up = 1.0
+            todo = row >= 0
+        if todo:
+            z_row = logits_ptr + row * stride_zn
+            label = tl.load(labels_ptr + row * stride_ln)
+            ce_on = label != ignore_index
+            label_ok = ce_on & (label >= 0) & (label < V)
 
-        # gathered before pass 2, which may overwrite the logits
-        z_label = tl.load(z_row + label, mask=label_ok, other=0.0).to(tl.float32)
-        e_z = tl.load(z_row + e_ids, mask=e_keep, other=0.0).to(tl.float32)
-        a = tl.where(ce_on, tl.load(ce_coef_ptr).to(tl.float32), 0.0)
-        b = tl.where(has_f, tl.load(f_coef_ptr).to(tl.float32), 0.0)
-        if not BACKWARD:
-            # ---- loss terms ----
-            ce = tl.where(ce_on, lse - z_label, 0.0)
-            d = tl.sum(tl.where(e_keep, e_P * (lse - e_z), 0.0), axis=0)
-            if KL:
-                merged = tl.sum(tl.where(same_id, e_P[None, :], 0.0), axis=1)  # P at id_e
-                d += tl.sum(tl.where(e_keep & (e_P > 0), e_P * tl.log(tl.where(e_P > 0, merged, 1.0)), 0.0), axis=0)
-            d = tl.where(has_f, d, 0.0)
-            tl.store(ce_row_ptr + row, ce)
-            tl.store(d_row_ptr + row, d)
-            tl.store(row_loss_ptr + row, a * ce + b * d)
+            # ---- the candidates' sparse distributions, [S_P, K_P] ----
+            s_idx = tl.arange(0, S_P)
+            k_idx = tl.arange(0, K_P)
+            slot_ok = (s_idx[:, None] < S) & (k_idx[None, :] < K)
+            ids = tl.load(ids_ptr + s_idx[:, None] * stride_is + row * stride_in + k_idx[None, :] * stride_ik,
+                          mask=slot_ok, other=-1).to(tl.int32)
+            valid = slot_ok & (ids >= 0) & (ids < V)
+            # slot j repeats an id already held by an earlier valid slot i < j of the same candidate
+            same = ids[:, :, None] == ids[:, None, :]
+            earlier = k_idx[None, None, :] < k_idx[None, :, None]
+            repeat = tl.max((same & earlier & valid[:, None, :]).to(tl.int32), axis=2) > 0
+            keep = valid & (repeat == 0)
+            x = tl.load(tlog_ptr + s_idx[:, None] * stride_ts + row * stride_tn + k_idx[None, :] * stride_tk,
+                        mask=keep, other=0.0).to(tl.float32) * inv_temperature
+            x = tl.where(keep, x, float("-inf"))
+            has_s = tl.sum(keep.to(tl.int32), axis=1) > 0
+            x_max = tl.where(has_s, tl.max(x, axis=1), 0.0)
+            ex = tl.where(keep, tl.exp(x - x_max[:, None]), 0.0)
+            p = ex / tl.where(has_s, tl.sum(ex, axis=1), 1.0)[:, None]
+            w = tl.load(w_ptr + s_idx * stride_ws + row * stride_wn, mask=s_idx < S, other=0.0).to(tl.float32)
+            w = tl.where(has_s, w, 0.0)
+            w_total = tl.sum(w, axis=0)
+            fmask = tl.load(fmask_ptr + row) != 0
+            has_f = fmask & (w_total > 0)
+            P = w[:, None] * p / tl.where(w_total > 0, w_total, 1.0)
 
-        if WRITE_GRAD:
-            a = a * up
-            b = b * up
-            c = a + b
-            g_row = grad_ptr + row * stride_gn
-            # ---- pass 2, backwards: the dense part (a + b)·q ----
-            n_blocks = tl.cdiv(V, BLOCK_V)
-            for i in range(0, n_blocks):
-                cols = (n_blocks - 1 - i) * BLOCK_V + v_off
-                z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-                tl.store(g_row + cols, _to_store(c * tl.exp(z - lse), grad_ptr, RNE_BF16), mask=cols < V)
-            # The sparse rewrites below must land after every thread's dense stores.
-            tl.debug_barrier()
-            # ---- the sparse corrections, duplicates merged so each position is written once ----
-            e_idx = tl.arange(0, E)
-            first = e_keep & (tl.sum((same_id & (e_idx[None, :] < e_idx[:, None])).to(tl.int32), axis=1) == 0)
-            e_coef = tl.sum(tl.where(same_id, b * e_P[None, :], 0.0), axis=1) + tl.where(e_ids == label, a, 0.0)
-            e_grad = c * tl.exp(e_z - lse) - e_coef
-            tl.store(g_row + e_ids, _to_store(e_grad, grad_ptr, RNE_BF16), mask=first)
-            label_in_teacher = tl.sum((e_keep & (e_ids == label)).to(tl.int32), axis=0) > 0
-            g_label = c * tl.exp(z_label - lse) - a
-            tl.store(g_row + label, _to_store(g_label, grad_ptr, RNE_BF16), mask=label_ok & (label_in_teacher == 0))
+            E: tl.constexpr = S_P * K_P
+            e_ids = tl.reshape(ids, [E])
+            e_keep = tl.reshape(keep, [E])
+            e_P = tl.reshape(P, [E])
+            same_id = (e_ids[:, None] == e_ids[None, :]) & e_keep[:, None] & e_keep[None, :]
+
+            v_off = tl.arange(0, BLOCK_V)
+            if BACKWARD:
+                lse = tl.load(lse_ptr + row)
+            else:
+                # ---- pass 1: lse = log Σ exp z, online over blocks of the row ----
+                m = float("-inf")
+                acc = 0.0
+                for v0 in range(0, V, BLOCK_V):
+                    cols = v0 + v_off
+                    z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+                    m_new = tl.maximum(m, tl.max(z, axis=0))
+                    acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+                    m = m_new
+                lse = m + tl.log(acc)
+                tl.store(lse_ptr + row, lse)
+
+            # gathered before pass 2, which may overwrite the logits
+            z_label = tl.load(z_row + label, mask=label_ok, other=0.0).to(tl.float32)
+            e_z = tl.load(z_row + e_ids, mask=e_keep, other=0.0).to(tl.float32)
+            a = tl.where(ce_on, tl.load(ce_coef_ptr).to(tl.float32), 0.0)
+            b = tl.where(has_f, tl.load(f_coef_ptr).to(tl.float32), 0.0)
+            if not BACKWARD:
+                # ---- loss terms ----
+                ce = tl.where(ce_on, lse - z_label, 0.0)
+                d = tl.sum(tl.where(e_keep, e_P * (lse - e_z), 0.0), axis=0)
+                if KL:
+                    merged = tl.sum(tl.where(same_id, e_P[None, :], 0.0), axis=1)  # P at id_e
+                    d += tl.sum(tl.where(e_keep & (e_P > 0), e_P * tl.log(tl.where(e_P > 0, merged, 1.0)), 0.0), axis=0)
+                d = tl.where(has_f, d, 0.0)
+                tl.store(ce_row_ptr + row, ce)
+                tl.store(d_row_ptr + row, d)
+                tl.store(row_loss_ptr + row, a * ce + b * d)
+
+            if WRITE_GRAD:
+                a = a * up
+                b = b * up
+                c = a + b
+                g_row = grad_ptr + row * stride_gn
+                # ---- pass 2, backwards: the dense part (a + b)·q ----
+                n_blocks = tl.cdiv(V, BLOCK_V)
+                for i in range(0, n_blocks):
+                    cols = (n_blocks - 1 - i) * BLOCK_V + v_off
+                    z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
+                    tl.store(g_row + cols, _to_store(c * tl.exp(z - lse), grad_ptr, RNE_BF16), mask=cols < V)
+                # The sparse rewrites below must land after every thread's dense stores.
+                tl.debug_barrier()
+                # ---- the sparse corrections, duplicates merged so each position is written once ----
+                e_idx = tl.arange(0, E)
+                first = e_keep & (tl.sum((same_id & (e_idx[None, :] < e_idx[:, None])).to(tl.int32), axis=1) == 0)
+                e_coef = tl.sum(tl.where(same_id, b * e_P[None, :], 0.0), axis=1) + tl.where(e_ids == label, a, 0.0)
+                e_grad = c * tl.exp(e_z - lse) - e_coef
+                tl.store(g_row + e_ids, _to_store(e_grad, grad_ptr, RNE_BF16), mask=first)
+                label_in_teacher = tl.sum((e_keep & (e_ids == label)).to(tl.int32), axis=0) > 0
+                g_label = c * tl.exp(z_label - lse) - a
+                tl.store(g_row + label, _to_store(g_label, grad_ptr, RNE_BF16), mask=label_ok & (label_in_teacher == 0))
 
 
 @triton.jit
@@ -179,6 +182,17 @@ def _scale_rows_kernel(grad_ptr, gout_ptr, stride_gn, stride_o, V, BLOCK_V: tl.c
 
 def _rne_bf16(out: Tensor) -> bool:
     return out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _programs(n: int, v: int, device: torch.device) -> int:
+    """How many persistent programs share the rows. On GPUs the rows in flight bound the
+    L2 footprint of the backwards pass 2 (programs × V × bytes); a few programs per SM keep
+    HBM busy. Under the interpreter a handful of programs makes every test walk several rows
+    per program."""
+    if device.type != "cuda":
+        return min(n, 4)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return min(n, sms * (4 if v < 65536 else 2))
 
 
 def _block_v(v: int, device: torch.device) -> tuple[int, int]:
@@ -202,14 +216,14 @@ def _launch(
     out = grad if grad is not None else logits  # not written unless WRITE_GRAD
     up = upstream if upstream is not None else lse  # not read unless BACKWARD
     row_loss, ce_row, d_row = rows if rows is not None else (lse, lse, lse)  # not written in BACKWARD
-    _fusion_loss_kernel[(n,)](
+    _fusion_loss_kernel[(_programs(n, v, logits.device),)](
         logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, up,
         row_loss, ce_row, d_row, lse, out,
         logits.stride(0), labels.stride(0),
         teacher_ids.stride(0), teacher_ids.stride(1), teacher_ids.stride(2),
         teacher_logits.stride(0), teacher_logits.stride(1), teacher_logits.stride(2),
         weights.stride(0), weights.stride(1), up.stride(0), out.stride(0),
-        v, s, k,
+        n, v, s, k,
         1.0 / temperature, ignore_index,
         BLOCK_V=block_v, S_P=triton.next_power_of_2(s), K_P=triton.next_power_of_2(k),
         KL=kl, WRITE_GRAD=grad is not None, BACKWARD=upstream is not None, RNE_BF16=_rne_bf16(out),
