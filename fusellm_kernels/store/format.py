@@ -36,6 +36,7 @@ Encodings (`StoreEncoding`):
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -197,12 +198,14 @@ def encode_shard(arrays: ShardArrays, enc: StoreEncoding, num_ids: int, k: int) 
         if arrays.lse is None:
             raise ValueError("the encoding stores lse but the shard has none")
         tensors["lse"] = arrays.lse.float().contiguous()
+    # one metadata key: safetensors writes its metadata map in hash order, which would make
+    # two runs' shards differ byte-wise; one JSON string with sorted keys keeps them identical
     meta = {
-        "format": "fusellm-teacher-shard",
-        "format_version": str(TEACHER_STORE_VERSION),
-        "k": str(k),
-        "id_bits": str(bits),
-        "ids_encoding": enc.ids,
+        "fusellm": json.dumps(
+            {"format": "fusellm-teacher-shard", "format_version": TEACHER_STORE_VERSION, "k": k,
+             "id_bits": bits, "ids_encoding": enc.ids},
+            sort_keys=True,
+        )
     }
     return tensors, meta
 
