@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -185,3 +186,48 @@ def fusion_loss(
         return loss
     wins, weight_sums = fusion_parts(weights, inp.teacher_ids, vocab, inp.fusion_mask)
     return loss, FusionLossParts(ce_part, fusion_part, n_ce, n_fusion, wins, weight_sums)
+
+
+def gather_teacher_rows(
+    topk_ids: Sequence[Tensor],
+    topk_logits: Sequence[Tensor],
+    source_rows: Tensor,
+    fallback_id: Tensor,
+    vocab_maps: Sequence[Tensor | None],
+    *,
+    k: int | None = None,
+    logits_dtype: torch.dtype = torch.float32,
+    backend: Backend = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Build the loss's teacher_ids / teacher_logits for the rows of a batch.
+
+    For each candidate s: topk_ids[s] [R_s, k_s] (source vocabulary ids) and topk_logits[s]
+    [R_s, k_s], the stored rows of the documents in the batch; vocab_maps[s] [V_src] int32
+    source → target id (−1 unmapped), or None for a candidate already in the target
+    vocabulary (the target model itself). source_rows [S, N] int64: the table row whose top-k
+    target row n takes, or −1; fallback_id [S, N] int32: the one-hot fallback's target id for
+    rows with source_rows = −1 (−1: no teacher at that row).
+    Returns teacher_ids int32 [S, N, K] and teacher_logits `logits_dtype` [S, N, K] with
+    K = k or max_s k_s; unmapped ids, missing slots and empty rows hold −1.
+    """
+    s_count, n = source_rows.shape
+    if not (len(topk_ids) == len(topk_logits) == len(vocab_maps) == s_count):
+        raise FusionInputError(
+            f"{len(topk_ids)} top-k id tables, {len(topk_logits)} logit tables and {len(vocab_maps)} vocab maps "
+            f"for source_rows of {s_count} candidates; give one of each per candidate"
+        )
+    if tuple(fallback_id.shape) != (s_count, n):
+        raise FusionInputError(f"fallback_id has shape {tuple(fallback_id.shape)}; expected {(s_count, n)}")
+    k_out = k if k is not None else max(t.shape[1] for t in topk_ids)
+    device = source_rows.device
+    ids = torch.empty(s_count, n, k_out, dtype=torch.int32, device=device)
+    logits = torch.empty(s_count, n, k_out, dtype=logits_dtype, device=device)
+    if _use_triton(backend, device):
+        from fusellm_kernels.ops.teacher_gather import teacher_gather_triton as gather
+    else:
+        from fusellm_kernels.torch_ops.teacher_gather import teacher_gather_torch as gather
+    for s in range(s_count):
+        if topk_ids[s].shape != topk_logits[s].shape:
+            raise FusionInputError(f"candidate {s}: topk_ids {tuple(topk_ids[s].shape)} and topk_logits {tuple(topk_logits[s].shape)} differ")
+        gather(topk_ids[s], topk_logits[s], source_rows[s], fallback_id[s], vocab_maps[s], ids[s], logits[s])
+    return ids, logits

@@ -25,27 +25,12 @@ logits themselves with inplace_backward) and O(N·S) floats; never an fp32 [N, V
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-
-@triton.jit
-def _to_store(x, ptr, RNE_BF16: tl.constexpr):
-    """x (fp32) in the element type of `ptr`, rounded to nearest even.
-
-    GPUs round fp32 → bf16 to nearest even; the Triton interpreter truncates. Under the
-    interpreter (RNE_BF16) the rounding is done on the bits first, so the CPU tests see the
-    GPU's numbers: the result is exact in bf16 and any conversion keeps it.
-    """
-    if RNE_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(ptr.dtype.element_ty)
+from fusellm_kernels.ops._numerics import needs_rne_bf16, to_stored_dtype
 
 
 @triton.jit
@@ -152,7 +137,7 @@ def _fusion_loss_kernel(
                 for i in range(0, n_blocks):
                     cols = (n_blocks - 1 - i) * BLOCK_V + v_off
                     z = tl.load(z_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-                    tl.store(g_row + cols, _to_store(c * tl.exp(z - lse), grad_ptr, RNE_BF16), mask=cols < V)
+                    tl.store(g_row + cols, to_stored_dtype(c * tl.exp(z - lse), grad_ptr, RNE_BF16), mask=cols < V)
                 # The sparse rewrites below must land after every thread's dense stores.
                 tl.debug_barrier()
                 # ---- the sparse corrections, duplicates merged so each position is written once ----
@@ -160,10 +145,10 @@ def _fusion_loss_kernel(
                 first = e_keep & (tl.sum((same_id & (e_idx[None, :] < e_idx[:, None])).to(tl.int32), axis=1) == 0)
                 e_coef = tl.sum(tl.where(same_id, b * e_P[None, :], 0.0), axis=1) + tl.where(e_ids == label, a, 0.0)
                 e_grad = c * tl.exp(e_z - lse) - e_coef
-                tl.store(g_row + e_ids, _to_store(e_grad, grad_ptr, RNE_BF16), mask=first)
+                tl.store(g_row + e_ids, to_stored_dtype(e_grad, grad_ptr, RNE_BF16), mask=first)
                 label_in_teacher = tl.sum((e_keep & (e_ids == label)).to(tl.int32), axis=0) > 0
                 g_label = c * tl.exp(z_label - lse) - a
-                tl.store(g_row + label, _to_store(g_label, grad_ptr, RNE_BF16), mask=label_ok & (label_in_teacher == 0))
+                tl.store(g_row + label, to_stored_dtype(g_label, grad_ptr, RNE_BF16), mask=label_ok & (label_in_teacher == 0))
 
 
 @triton.jit
@@ -177,11 +162,7 @@ def _scale_rows_kernel(grad_ptr, gout_ptr, stride_gn, stride_o, V, BLOCK_V: tl.c
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + v_off
             g = tl.load(g_row + cols, mask=cols < V, other=0.0).to(tl.float32)
-            tl.store(g_row + cols, _to_store(g * scale, grad_ptr, RNE_BF16), mask=cols < V)
-
-
-def _rne_bf16(out: Tensor) -> bool:
-    return out.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+            tl.store(g_row + cols, to_stored_dtype(g * scale, grad_ptr, RNE_BF16), mask=cols < V)
 
 
 def _programs(n: int, v: int, device: torch.device) -> int:
@@ -226,7 +207,7 @@ def _launch(
         n, v, s, k,
         1.0 / temperature, ignore_index,
         BLOCK_V=block_v, S_P=triton.next_power_of_2(s), K_P=triton.next_power_of_2(k),
-        KL=kl, WRITE_GRAD=grad is not None, BACKWARD=upstream is not None, RNE_BF16=_rne_bf16(out),
+        KL=kl, WRITE_GRAD=grad is not None, BACKWARD=upstream is not None, RNE_BF16=needs_rne_bf16(out),
         num_warps=num_warps,
     )
 
@@ -280,7 +261,7 @@ def scale_rows_(grad: Tensor, grad_output: Tensor) -> Tensor:
     if n:
         block_v, num_warps = _block_v(v, grad.device)
         _scale_rows_kernel[(n,)](grad, grad_output, grad.stride(0), grad_output.stride(0), v,
-                                 BLOCK_V=block_v, RNE_BF16=_rne_bf16(grad), num_warps=num_warps)
+                                 BLOCK_V=block_v, RNE_BF16=needs_rne_bf16(grad), num_warps=num_warps)
     return grad
 
 
