@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from fusellm_kernels.types import Backend, Divergence, FusionLossParts, Reduction, Strategy
-from fusellm_kernels.validation import FusionInputError, check_options, check_strategy_inputs, prepare_fusion_inputs
+from fusellm_kernels.validation import (
+    FusionInputError,
+    FusionInputs,
+    check_options,
+    check_strategy_inputs,
+    prepare_fusion_inputs,
+)
 
 
 def _use_triton(backend: str, device: torch.device) -> bool:
@@ -115,27 +122,101 @@ def fusion_loss(
 
     The gradient flows to `logits` only.
     """
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise FusionInputError(f"logits have dtype {logits.dtype}; use bfloat16, float16 or float32")
+    prep = prepare_loss(
+        tuple(logits.shape[:-1]), logits.shape[-1], logits.device, labels, teacher_ids, teacher_logits,
+        teacher_ce=teacher_ce, segment_ids=segment_ids, source_weights=source_weights, fusion_mask=fusion_mask,
+        strategy=strategy, lam=lam, temperature=temperature, ce_temperature=ce_temperature, divergence=divergence,
+        ignore_index=ignore_index, reduction=reduction, validate=validate, backend=backend,
+    )
+    if inplace_backward and not prep.use_triton:
+        raise FusionInputError("inplace_backward=True needs the Triton backend (CUDA tensors or backend='triton')")
+    z = logits.reshape(-1, prep.inputs.vocab_size)
+    if z.numel() and z.stride(1) != 1:
+        z = z.contiguous()  # the kernels stream rows; a strided vocabulary axis is copied once
+    inp = prep.inputs
+    if prep.use_triton:
+        from fusellm_kernels.ops import fusion_loss as triton_ops
+
+        fmask = inp.fusion_mask.to(torch.uint8)
+        if inplace_backward:
+            row_loss, ce_rows, d_rows = triton_ops.InplaceFusionLossFunction.apply(
+                z, inp.labels, inp.teacher_ids, inp.teacher_logits, prep.weights, fmask, prep.ce_coef, prep.f_coef,
+                prep.temperature, prep.kl, prep.ignore_index,
+            )
+        else:
+            compute_grad = torch.is_grad_enabled() and z.requires_grad
+            row_loss, ce_rows, d_rows, _, _ = triton_ops.fusion_loss_fwd_op(
+                z, inp.labels, inp.teacher_ids, inp.teacher_logits, prep.weights, fmask, prep.ce_coef, prep.f_coef,
+                prep.temperature, prep.kl, prep.ignore_index, compute_grad,
+            )
+    else:
+        from fusellm_kernels.torch_ops.fusion_loss import fusion_loss_torch
+
+        row_loss, ce_rows, d_rows = fusion_loss_torch(
+            z, inp.labels, inp.teacher_ids, inp.teacher_logits, prep.weights, inp.fusion_mask, prep.ce_coef, prep.f_coef,
+            temperature=prep.temperature, kl=prep.kl, ignore_index=prep.ignore_index,
+        )
+    return finish_loss(prep, row_loss, ce_rows, d_rows, return_parts)
+
+
+@dataclass(frozen=True)
+class PreparedLoss:
+    """Everything a loss needs besides the student logits, computed once per call.
+
+    weights [S, N] float32: the candidates' weights per row (strategy applied).
+    ce_coef, f_coef: float32 device scalars folding λ, 1 − λ and the mean's counts, so the
+        kernels' row loss a·CE_n + b·D_n sums to the reduced loss with no host sync.
+    """
+
+    inputs: FusionInputs
+    weights: Tensor
+    n_ce: Tensor
+    n_fusion: Tensor
+    ce_coef: Tensor
+    f_coef: Tensor
+    temperature: float
+    kl: bool
+    ignore_index: int
+    reduction: str
+    use_triton: bool
+
+
+def prepare_loss(
+    row_shape: tuple[int, ...],
+    vocab_size: int,
+    device: torch.device,
+    labels: Tensor,
+    teacher_ids: Tensor,
+    teacher_logits: Tensor,
+    *,
+    teacher_ce: Tensor | None,
+    segment_ids: Tensor | None,
+    source_weights: Tensor | None,
+    fusion_mask: Tensor | None,
+    strategy: str,
+    lam: float,
+    temperature: float,
+    ce_temperature: float,
+    divergence: str,
+    ignore_index: int,
+    reduction: str,
+    validate: bool,
+    backend: str,
+) -> PreparedLoss:
+    """Check the inputs (the shared validator) and compute the per-row weights and coefficients."""
     check_options(
         strategy=strategy, divergence=divergence, reduction=reduction, backend=backend, lam=lam,
         temperature=temperature, ce_temperature=ce_temperature,
     )
     check_strategy_inputs(strategy, teacher_ce, source_weights)
-    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise FusionInputError(f"logits have dtype {logits.dtype}; use bfloat16, float16 or float32")
-    row_shape = tuple(logits.shape[:-1])
-    vocab = logits.shape[-1]
     inp = prepare_fusion_inputs(
-        row_shape, vocab, logits.device, labels, teacher_ids, teacher_logits,
+        row_shape, vocab_size, device, labels, teacher_ids, teacher_logits,
         teacher_ce=teacher_ce, segment_ids=segment_ids, source_weights=source_weights, fusion_mask=fusion_mask,
         ignore_index=ignore_index, validate=validate,
     )
-    use_triton = _use_triton(backend, logits.device)
-    if inplace_backward and not use_triton:
-        raise FusionInputError("inplace_backward=True needs the Triton backend (CUDA tensors or backend='triton')")
-    z = logits.reshape(-1, vocab)
-    if z.numel() and z.stride(1) != 1:
-        z = z.contiguous()  # the kernels stream rows; a strided vocabulary axis is copied once
-
+    use_triton = _use_triton(backend, device)
     weights = candidate_row_weights(
         inp.teacher_ce, inp.labels, inp.segment_ids, inp.source_weights, strategy=strategy,
         ce_temperature=ce_temperature, ignore_index=ignore_index, use_triton=use_triton,
@@ -146,46 +227,32 @@ def fusion_loss(
         ce_coef = lam / n_ce.clamp_min(1).float()
         f_coef = (1.0 - lam) / n_fusion.clamp_min(1).float()
     else:
-        ce_coef = torch.full((), lam, dtype=torch.float32, device=z.device)
-        f_coef = torch.full((), 1.0 - lam, dtype=torch.float32, device=z.device)
-    kl = divergence == "kl"
+        ce_coef = torch.full((), lam, dtype=torch.float32, device=device)
+        f_coef = torch.full((), 1.0 - lam, dtype=torch.float32, device=device)
+    return PreparedLoss(
+        inp, weights, n_ce, n_fusion, ce_coef, f_coef, float(temperature), divergence == "kl", int(ignore_index), reduction, use_triton
+    )
 
-    if use_triton:
-        from fusellm_kernels.ops import fusion_loss as triton_ops
 
-        fmask = inp.fusion_mask.to(torch.uint8)
-        if inplace_backward:
-            row_loss, ce_rows, d_rows = triton_ops.InplaceFusionLossFunction.apply(
-                z, inp.labels, inp.teacher_ids, inp.teacher_logits, weights, fmask, ce_coef, f_coef,
-                float(temperature), kl, int(ignore_index),
-            )
-        else:
-            compute_grad = torch.is_grad_enabled() and z.requires_grad
-            row_loss, ce_rows, d_rows, _, _ = triton_ops.fusion_loss_fwd_op(
-                z, inp.labels, inp.teacher_ids, inp.teacher_logits, weights, fmask, ce_coef, f_coef,
-                float(temperature), kl, int(ignore_index), compute_grad,
-            )
-    else:
-        from fusellm_kernels.torch_ops.fusion_loss import fusion_loss_torch
-
-        row_loss, ce_rows, d_rows = fusion_loss_torch(
-            z, inp.labels, inp.teacher_ids, inp.teacher_logits, weights, inp.fusion_mask, ce_coef, f_coef,
-            temperature=temperature, kl=kl, ignore_index=ignore_index,
-        )
-
-    if reduction == "none":
+def finish_loss(
+    prep: PreparedLoss, row_loss: Tensor, ce_rows: Tensor, d_rows: Tensor, return_parts: bool
+) -> Tensor | tuple[Tensor, FusionLossParts]:
+    """Reduce the row losses [N] (already weighted by the coefficients) and build the parts."""
+    row_shape = prep.inputs.batch_shape
+    if prep.reduction == "none":
         loss = row_loss.reshape(row_shape)
         ce_part, fusion_part = ce_rows.detach().reshape(row_shape), d_rows.detach().reshape(row_shape)
     else:
         loss = row_loss.sum()
         ce_part, fusion_part = ce_rows.detach().sum(), d_rows.detach().sum()
-        if reduction == "mean":
-            ce_part = ce_part / n_ce.clamp_min(1)
-            fusion_part = fusion_part / n_fusion.clamp_min(1)
+        if prep.reduction == "mean":
+            ce_part = ce_part / prep.n_ce.clamp_min(1)
+            fusion_part = fusion_part / prep.n_fusion.clamp_min(1)
     if not return_parts:
         return loss
-    wins, weight_sums = fusion_parts(weights, inp.teacher_ids, vocab, inp.fusion_mask)
-    return loss, FusionLossParts(ce_part, fusion_part, n_ce, n_fusion, wins, weight_sums)
+    inp = prep.inputs
+    wins, weight_sums = fusion_parts(prep.weights, inp.teacher_ids, inp.vocab_size, inp.fusion_mask)
+    return loss, FusionLossParts(ce_part, fusion_part, prep.n_ce, prep.n_fusion, wins, weight_sums)
 
 
 def gather_teacher_rows(

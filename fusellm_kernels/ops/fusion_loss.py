@@ -42,7 +42,8 @@ def _fusion_loss_kernel(
     N, V, S, K,
     inv_temperature, ignore_index,
     BLOCK_V: tl.constexpr, S_P: tl.constexpr, K_P: tl.constexpr,
-    KL: tl.constexpr, WRITE_GRAD: tl.constexpr, BACKWARD: tl.constexpr, RNE_BF16: tl.constexpr,
+    KL: tl.constexpr, WRITE_GRAD: tl.constexpr, BACKWARD: tl.constexpr, HAS_UP: tl.constexpr,
+    RNE_BF16: tl.constexpr,
 ):
     # Persistent programs: program p takes rows p, p + P, ... (P = the grid), so the number of
     # rows in flight, and with it the L2 footprint of pass 2, is the launcher's choice.
@@ -53,6 +54,9 @@ def _fusion_loss_kernel(
             # the others are recomputed from the logits with the upstream folded in (one rounding).
             up = tl.load(up_ptr + row * stride_up).to(tl.float32)
             todo = up != 1.0
+        elif HAS_UP:
+            up = tl.load(up_ptr + row * stride_up).to(tl.float32)  # a known upstream, folded in
+            todo = row >= 0
         else:
             up = 1.0
             todo = row >= 0
@@ -187,7 +191,7 @@ def _block_v(v: int, device: torch.device) -> tuple[int, int]:
 def _launch(
     logits: Tensor, labels: Tensor, teacher_ids: Tensor, teacher_logits: Tensor, weights: Tensor, fusion_mask: Tensor,
     ce_coef: Tensor, f_coef: Tensor, lse: Tensor, grad: Tensor | None, upstream: Tensor | None,
-    rows: tuple[Tensor, Tensor, Tensor] | None, *, temperature: float, kl: bool, ignore_index: int,
+    rows: tuple[Tensor, Tensor, Tensor] | None, *, temperature: float, kl: bool, ignore_index: int, backward: bool,
 ) -> None:
     n, v = logits.shape
     if n == 0:
@@ -207,7 +211,8 @@ def _launch(
         n, v, s, k,
         1.0 / temperature, ignore_index,
         BLOCK_V=block_v, S_P=triton.next_power_of_2(s), K_P=triton.next_power_of_2(k),
-        KL=kl, WRITE_GRAD=grad is not None, BACKWARD=upstream is not None, RNE_BF16=needs_rne_bf16(out),
+        KL=kl, WRITE_GRAD=grad is not None, BACKWARD=backward, HAS_UP=upstream is not None and not backward,
+        RNE_BF16=needs_rne_bf16(out),
         num_warps=num_warps,
     )
 
@@ -226,8 +231,10 @@ def fusion_loss_forward(
     kl: bool,
     ignore_index: int,
     grad: Tensor | None,
+    upstream: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Row losses and, when `grad` is given, the gradient for an upstream gradient of 1.
+    """Row losses and, when `grad` is given, the gradient for the upstream gradient [N] of the
+    row losses (`upstream`, float32; None means 1 everywhere).
 
     logits [N, V] bf16/fp16/fp32 with unit stride along V; labels [N] int; teacher_ids and
     teacher_logits [S, N, K] (any strides); weights [S, N] float; fusion_mask [N] uint8;
@@ -237,8 +244,8 @@ def fusion_loss_forward(
     """
     n = logits.shape[0]
     row_loss, ce_row, d_row, lse = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(4))
-    _launch(logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, lse, grad, None,
-            (row_loss, ce_row, d_row), temperature=temperature, kl=kl, ignore_index=ignore_index)
+    _launch(logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, lse, grad, upstream,
+            (row_loss, ce_row, d_row), temperature=temperature, kl=kl, ignore_index=ignore_index, backward=False)
     return row_loss, ce_row, d_row, lse
 
 
@@ -250,7 +257,7 @@ def fusion_loss_backward_(
     row losses: rows with upstream exactly 1 are left alone, the others are recomputed from the
     logits and `lse` (one read, one write). In place on `grad`; no extra memory."""
     _launch(logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, lse, grad, upstream,
-            None, temperature=temperature, kl=False, ignore_index=ignore_index)
+            None, temperature=temperature, kl=False, ignore_index=ignore_index, backward=True)
     return grad
 
 

@@ -125,8 +125,8 @@ def topk_nll_lse(
     labels: int64 [N], the next token of each row, or -1 where there is none.
     num_valid: columns >= num_valid (a padded vocabulary) are excluded (set to -inf).
     Returns topk values float32 [N, k] (descending), topk ids int64 [N, k], nll float32 [N]
-    (0 where label < 0), lse float32 [N], nonfinite bool [N] (a NaN/inf among the valid
-    columns of the row). Extra memory: one float32 [chunk_rows, V] chunk at a time.
+    (0 where label < 0), lse float32 [N], nonfinite bool [N] (a NaN or +inf among the valid
+    columns of the row, or a -inf among its top-k). Extra memory: one float32 [chunk_rows, V] chunk at a time.
     """
     n, v = logits.shape
     dev = logits.device
@@ -137,12 +137,15 @@ def topk_nll_lse(
     bad = torch.empty(n, dtype=torch.bool, device=dev)
     for s in range(0, n, chunk_rows):
         e = min(n, s + chunk_rows)
-        x = logits[s:e].float()
-        bad[s:e] = ~torch.isfinite(x[:, :num_valid]).all(dim=1)
+        x = logits[s:e].float()  # a copy for low-precision logits; float32 logits are overwritten in place
         if num_valid < v:
             x[:, num_valid:] = float("-inf")
         row_lse = torch.logsumexp(x, dim=1)
         top = torch.topk(x, k, dim=1, largest=True, sorted=True)
+        # a NaN or +inf among the valid columns makes the lse non-finite; a -inf elsewhere is
+        # a zero probability and harmless unless it reaches the top-k. (Testing these two
+        # small results costs nothing; isfinite over the whole chunk costs more than the lse.)
+        bad[s:e] = ~torch.isfinite(row_lse) | ~torch.isfinite(top.values).all(dim=1)
         lab = labels[s:e]
         picked = x.gather(1, lab.clamp_min(0).unsqueeze(1)).squeeze(1)
         nll[s:e] = torch.where(lab >= 0, row_lse - picked, torch.zeros_like(row_lse))

@@ -24,7 +24,7 @@ class DocFlag(enum.IntFlag):
     """Per-document flags (stored as one uint8 per document)."""
 
     NONE = 0
-    #: at least one logits row of the document held NaN or +-inf (before top-k)
+    #: a logits row of the document held NaN or +inf, or -inf within its top-k
     NONFINITE = 1
     #: the document was longer than the context and tokens past it were dropped
     TRUNCATED = 2
