@@ -275,7 +275,8 @@ def test_data_parallel_two_processes_match_one(tiny_corpus, tiny_llama, tmp_path
     one = tmp_path / "one"
     run(tiny_corpus, tiny_llama, one, docs_per_shard=5, store_lse=True)
     two = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = str(Path(__file__).resolve().parents[1])  # the workers import the package from the tree
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "fusellm_kernels.cli", "teacher", "--corpus", str(tiny_corpus), "--model", str(tiny_llama),
            "--output", str(two), "--docs-per-shard", "5", "--store-lse", "--no-progress", "--device", "cpu"]
@@ -334,19 +335,21 @@ def test_topk_nll_lse_in_chunks_equals_plain() -> None:
     logits = torch.randn(37, 70, generator=g) * 4
     logits[5, 3] = float("nan")
     logits[9, 69] = float("inf")  # in the masked columns: not counted
+    logits[11, 2] = float("inf")
+    logits[12, 7] = float("-inf")  # a zero probability outside the top-k: harmless
     labels = torch.randint(0, 60, (37,), generator=g)
     labels[-1] = -1
     vals, ids, nll, lse, bad = topk_nll_lse(logits, labels, 6, num_valid=60, chunk_rows=8)
     x = logits.double()[:, :60]
     ref_lse = torch.logsumexp(x, 1)
     ok = torch.ones(37, dtype=torch.bool)
-    ok[5] = False
+    ok[5] = ok[11] = False
     torch.testing.assert_close(lse[ok].double(), ref_lse[ok], rtol=1e-6, atol=1e-5)
     assert torch.equal(vals[ok].double(), x.topk(6).values[ok])
     assert torch.equal(ids[ok], x.topk(6).indices[ok])
     ref_nll = ref_lse - x.gather(1, labels.clamp_min(0)[:, None])[:, 0]
     torch.testing.assert_close(nll[ok][:-1].double(), ref_nll[ok][:-1], rtol=1e-6, atol=1e-5)
-    assert nll[-1] == 0 and bad.tolist() == [i == 5 for i in range(37)]
+    assert nll[-1] == 0 and bad.tolist() == [i in (5, 11) for i in range(37)]
     # bfloat16 logits (a GPU pass) are reduced in float32: values exact, lse to float32 rounding
     vals16, _, _, lse16, _ = topk_nll_lse(logits.to(torch.bfloat16), labels, 6, num_valid=60, chunk_rows=8)
     x16 = logits.to(torch.bfloat16).double()[:, :60]
@@ -366,3 +369,19 @@ def test_token_byte_lengths_partition_the_text() -> None:
 def test_changed_corpus_text_is_detected(tok_bytelevel) -> None:  # noqa: F811
     with pytest.raises(CorpusError, match="document 7"):
         tokenize_documents(tok_bytelevel, ["text"], [7], [12345], False, True, 128, "split")
+
+
+@pytest.mark.cuda
+def test_bfloat16_pass_on_cuda_matches_plain_pytorch(tiny_corpus, tiny_llama, tmp_path) -> None:  # noqa: F811
+    """The GPU default (bfloat16 compute) against the float32 CPU computation: bfloat16's own
+    error, ~2**-8 relative on the logits of a 2-layer model."""
+    store = run(tiny_corpus, tiny_llama, tmp_path / "cuda", format="lossless", store_lse=True, device="cuda")
+    assert store.manifest["settings"]["dtype"] == "bfloat16"
+    ds, _ = load_corpus(tiny_corpus)
+    for doc_id, text in list(zip(list(ds["doc_id"]), list(ds["text"])))[:8]:
+        r = store.get(doc_id)
+        ref = plain_reference(tiny_llama, text, 128)
+        assert torch.equal(r.input_ids, ref["ids"])
+        scale = ref["top_v"].abs().max()
+        torch.testing.assert_close(r.topk_logits, ref["top_v"], atol=float(scale) * 2**-6, rtol=0)
+        torch.testing.assert_close(r.lse.double(), ref["lse"], atol=float(scale) * 2**-6, rtol=0)
