@@ -1,0 +1,146 @@
+"""Training batches from assembled blocks: the loss's teacher tensors built on the device.
+
+For a batch of blocks, each candidate's stored top-k rows of the documents in the batch are
+read from its teacher store (memory-mapped, one document at a time) into one small table;
+the blocks' position maps are turned into rows of that table and `gather_teacher_rows`
+builds teacher_ids / teacher_logits [S, B·L, K] on the device. Nothing dense, nothing padded
+is ever stored.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from fusellm_kernels.functional import gather_teacher_rows
+from fusellm_kernels.store.blocks import Block
+from fusellm_kernels.store.format import TeacherStore
+from fusellm_kernels.store.records import TeacherRecord
+
+Weighting = Literal["block", "document", "token"]
+WEIGHTINGS: tuple[str, ...] = ("block", "document", "token")
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """Everything one step needs, on one device (B blocks of L rows, S candidates, K slots).
+
+    input_ids, labels: int64 [B, L] (labels: the next token, −100 where none).
+    position_ids: int64 [B, L], restarting at 0 at every document piece (for packed/varlen
+        attention; models without it see the block as one sequence).
+    segment_ids: int64 [B·L], non-decreasing: one weighting decision per block, document
+        piece or token, as chosen.
+    doc_index: int64 [B, L], the piece of each row within its block (−1 padding).
+    teacher_ids: int32 [S, B·L, K]; teacher_logits: float32 [S, B·L, K]; teacher_ce: float32 [S, B·L].
+    attention_mask: bool [B, L], real (non-padding) rows.
+    """
+
+    input_ids: Tensor
+    labels: Tensor
+    position_ids: Tensor
+    segment_ids: Tensor
+    doc_index: Tensor
+    attention_mask: Tensor
+    teacher_ids: Tensor
+    teacher_logits: Tensor
+    teacher_ce: Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.labels.numel())
+
+
+def _segments(doc_index: Tensor, weighting: str) -> Tensor:
+    b, length = doc_index.shape
+    if weighting == "token":
+        return torch.arange(b * length)
+    block = torch.arange(b)[:, None].expand(b, length)
+    if weighting == "block":
+        return block.reshape(-1).clone()
+    piece = torch.where(doc_index >= 0, doc_index, length).long()  # padding after the block's last piece
+    return (block * (length + 1) + piece).reshape(-1)
+
+
+def _positions(doc_index: Tensor) -> Tensor:
+    b, length = doc_index.shape
+    rows = torch.arange(length).expand(b, length)
+    starts = torch.cat([torch.ones(b, 1, dtype=torch.bool), doc_index[:, 1:] != doc_index[:, :-1]], dim=1)
+    first = torch.cummax(torch.where(starts, rows, 0), dim=1).values
+    return rows - first
+
+
+def build_batch(
+    blocks: Sequence[Block],
+    stores: Sequence[TeacherStore],
+    vocab_maps: Sequence[Tensor | None],
+    *,
+    weighting: Weighting = "document",
+    k: int | None = None,
+    device: torch.device | str = "cpu",
+    backend: str = "auto",
+) -> TrainBatch:
+    """Stack blocks and build their teacher tensors. stores[s] / vocab_maps[s] belong to
+    candidate s of the blocks (vocab map None for the target model itself)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting={weighting!r}; choose one of {WEIGHTINGS}")
+    s_count = blocks[0].source_pos.shape[0]
+    if len(stores) != s_count or len(vocab_maps) != s_count:
+        raise ValueError(f"the blocks have {s_count} candidates but {len(stores)} stores and {len(vocab_maps)} vocab maps were given")
+    device = torch.device(device)
+    doc_index = torch.stack([blk.doc_index for blk in blocks]).long()
+    b, length = doc_index.shape
+
+    tables_ids, tables_logits, source_rows = [], [], []
+    for s in range(s_count):
+        records: dict[int, TeacherRecord] = {}
+        base: dict[int, int] = {}
+        rows_s = []
+        total = 0
+        for blk in blocks:
+            piece_base = []
+            for doc_id in blk.doc_ids.tolist():
+                if doc_id not in records:
+                    try:
+                        records[doc_id] = stores[s].get(doc_id)
+                    except KeyError:
+                        raise KeyError(f"document {doc_id} of the blocks is missing from candidate {s}'s teacher store {stores[s].root}") from None
+                    base[doc_id] = total
+                    total += records[doc_id].num_tokens
+                piece_base.append(base[doc_id])
+            pb = torch.tensor(piece_base + [0], dtype=torch.int64)  # index −1 (padding) reads the 0
+            sp = blk.source_pos[s].long()
+            rows_s.append(torch.where(sp >= 0, pb[blk.doc_index.long()] + sp, -1))
+        recs = list(records.values())
+        kc = stores[s].k
+        tables_ids.append(torch.cat([r.topk_ids for r in recs]) if recs else torch.zeros(0, kc, dtype=torch.int64))
+        tables_logits.append(torch.cat([r.topk_logits for r in recs]) if recs else torch.zeros(0, kc))
+        source_rows.append(torch.stack(rows_s).reshape(-1))
+
+    fallback = torch.stack([blk.fallback_id for blk in blocks], dim=1).reshape(s_count, -1)
+    teacher_ids, teacher_logits = gather_teacher_rows(
+        [t.to(device) for t in tables_ids], [t.to(device) for t in tables_logits],
+        torch.stack(source_rows).to(device), fallback.to(device),
+        [None if m is None else m.to(device) for m in vocab_maps], k=k, backend=backend,
+    )
+    if weighting == "block":
+        teacher_ce = torch.stack([blk.block_ce for blk in blocks], dim=1)[:, :, None].expand(s_count, b, length)
+    else:
+        doc_ce = torch.stack([blk.doc_ce for blk in blocks], dim=1)
+        teacher_ce = doc_ce
+        if weighting == "token":
+            token_ce = torch.stack([blk.token_ce for blk in blocks], dim=1)
+            teacher_ce = torch.where(torch.isfinite(token_ce), token_ce, doc_ce)  # unaligned rows: the document's score
+    return TrainBatch(
+        input_ids=torch.stack([blk.input_ids for blk in blocks]).long().to(device),
+        labels=torch.stack([blk.labels for blk in blocks]).long().to(device),
+        position_ids=_positions(doc_index).to(device),
+        segment_ids=_segments(doc_index, weighting).to(device),
+        doc_index=doc_index.to(device),
+        attention_mask=(doc_index >= 0).to(device),
+        teacher_ids=teacher_ids,
+        teacher_logits=teacher_logits,
+        teacher_ce=teacher_ce.reshape(s_count, -1).float().to(device),
+    )
