@@ -40,8 +40,8 @@ from rapidfuzz.distance import Levenshtein
 from rapidfuzz.process import cdist
 
 # Half-width of the first band, in target positions; the band grows ×4 per failed proof.
-INITIAL_HALF_WIDTH = 48
-_INF = 1 << 60  # encoded "infinity"; far above any 2·cost sum, far below int64 overflow
+INITIAL_HALF_WIDTH = 192
+_INF = (1 << 60) + 1  # encoded infinity: odd (a bound, never "attained"), far from int64 overflow
 
 
 def min_ed_alignment(
@@ -180,57 +180,61 @@ def _solve(problem: _Problem, band: _Band) -> list[list[int]] | None:
     inclusive -= np.repeat(inclusive[offset] - cost2[offset], width)  # per-row prefix sums
     exclusive = inclusive - cost2
     right_min, left_min = problem.row_minima(band)
+    # Costs of the exit cells: (i, hi_i + 1) right of the band, (i, q) for q in
+    # [lo_{i-1}, lo_i) left of it, in one gather each.
+    up_exit_cost = (2 * problem.costs(np.arange(n), np.minimum(hi + 1, m - 1))).tolist()
+    low_count = np.diff(lo, prepend=0)
+    low_start = np.cumsum(low_count) - low_count
+    low_cols = np.arange(int(low_count.sum())) - np.repeat(low_start - np.concatenate([[0], lo[:-1]]), low_count)
+    low_exit_cost = (2 * problem.costs(np.repeat(np.arange(n), low_count), low_cols)).tolist()
 
     enc = np.empty(total, dtype=np.int64)
-    above = np.full(n, _INF, dtype=np.int64)  # G: encoded lower bound of row r right of the band
-    below = np.full(n, _INF, dtype=np.int64)  # H: the same left of the band
+    read = memoryview(enc)  # scalar reads as Python ints, without numpy scalar boxing
+    above = [_INF] * n  # G: encoded lower bound of row r right of the band
+    below = [_INF] * n  # H: the same left of the band
     lo_l, hi_l, width_l, offset_l = lo.tolist(), hi.tolist(), width.tolist(), offset.tolist()
-    right_l, left_l = right_min.tolist(), left_min.tolist()
-    unique_costs, s_index, t_index = problem.unique_costs, problem.source_index, problem.target_index
-
-    def exit_bound(prev_best: int, r: int, q: int) -> int:
-        return (2 * int(unique_costs[s_index[r], t_index[q]]) + prev_best) | 1
+    right2 = [2 * x for x in right_min.tolist()]
+    left2 = [2 * x for x in left_min.tolist()]
+    low_start_l = low_start.tolist()
 
     enc[: width_l[0]] = inclusive[: width_l[0]]  # row 0: left steps from the (0, 0) corner
     if hi_l[0] < m - 1:
-        above[0] = exit_bound(int(enc[width_l[0] - 1]), 0, hi_l[0] + 1)
+        above[0] = (up_exit_cost[0] + read[width_l[0] - 1]) | 1
     ext = np.empty(m + 1, dtype=np.int64)
     for i in range(1, n):
         plo, phi, poff = lo_l[i - 1], hi_l[i - 1], offset_l[i - 1]
         clo, chi, coff, cw = lo_l[i], hi_l[i], offset_l[i], width_l[i]
-        # Lower bound left of the band in row i: exits (i, q), q in [plo, clo), or staying below.
+        # Bound left of the band in row i: exits (i, q), q in [plo, clo), or staying below.
         h = _INF
         if clo > 0:
-            if below[i - 1] < _INF and left_l[i] < _INF:
-                h = int(below[i - 1]) + 2 * left_l[i]
+            h = min(_INF, below[i - 1] + left2[i])
+            k = low_start_l[i]
             for q in range(plo, clo):
-                best_pred = int(enc[poff + q - plo])
-                if q - 1 >= plo:
-                    best_pred = min(best_pred, int(enc[poff + q - 1 - plo]))
-                h = min(h, exit_bound(best_pred, i, q))
+                best_pred = read[poff + q - plo]
+                if q > plo:
+                    best_pred = min(best_pred, read[poff + q - 1 - plo])
+                h = min(h, (low_exit_cost[k] + best_pred) | 1)
+                k += 1
             below[i] = h
         # ext[k] = row i-1 at column clo - 1 + k, out-of-band columns at their bounds.
-        row_ext = ext[: cw + 1]
-        row_ext.fill(above[i - 1])
         start = max(clo - 1, plo)
-        row_ext[start - (clo - 1) : phi - (clo - 1) + 1] = enc[poff + start - plo : poff + phi - plo + 1]
+        ext[start - clo + 1 : phi - clo + 2] = enc[poff + start - plo : poff + phi - plo + 1]
+        if chi > phi:
+            ext[phi - clo + 2 : cw + 1] = above[i - 1]
         if clo - 1 < plo:
-            row_ext[0] = below[i - 1] if clo >= 1 else _INF
-        best = np.minimum(row_ext[1:], row_ext[:-1])
-        if best[0] > h:  # the left neighbour of the first band cell lies below the band
+            ext[0] = below[i - 1] if clo >= 1 else _INF
+        best = np.minimum(ext[1 : cw + 1], ext[:cw])
+        if h < _INF and h < best[0]:  # the first cell's left neighbour lies below the band
             best[0] = h
         best -= exclusive[coff : coff + cw]
         np.minimum.accumulate(best, out=best)
         np.add(best, inclusive[coff : coff + cw], out=enc[coff : coff + cw])
         if chi < m - 1:
-            best_pred = int(enc[coff + cw - 1])
+            best_pred = read[coff + cw - 1]
             if phi == chi:
-                best_pred = min(best_pred, int(enc[poff + phi - plo]))
-            g = exit_bound(best_pred, i, chi + 1)
-            if above[i - 1] < _INF and right_l[i] < _INF:
-                g = min(g, int(above[i - 1]) + 2 * right_l[i])
-            above[i] = g
-    return _checked_backtrace(enc, band, above.tolist(), below.tolist(), m)
+                best_pred = min(best_pred, read[poff + phi - plo])
+            above[i] = min((up_exit_cost[i] + best_pred) | 1, above[i - 1] + right2[i], _INF)
+    return _checked_backtrace(enc, band, above, below, m)
 
 
 def _checked_backtrace(
@@ -238,6 +242,7 @@ def _checked_backtrace(
 ) -> list[list[int]] | None:
     """The original's back-trace on band values; None when a step is not proved."""
     lo, hi, offset = band.lo.tolist(), band.hi.tolist(), band.offset.tolist()
+    read = memoryview(enc)
     n = len(lo)
 
     def value(i: int, j: int) -> int:
@@ -248,7 +253,7 @@ def _checked_backtrace(
             return above[i]
         if j < lo[i]:
             return below[i]
-        return int(enc[offset[i] + j - lo[i]])
+        return read[offset[i] + j - lo[i]]
 
     mappings: list[list[int]] = [[] for _ in range(m)]
     i, j = n - 1, m - 1
@@ -257,14 +262,13 @@ def _checked_backtrace(
         diag, up, left = value(i - 1, j - 1), value(i - 1, j), value(i, j - 1)
         dv, uv, lv = diag >> 1, up >> 1, left >> 1
         if dv <= uv and dv <= lv:
-            chosen, i2, j2 = diag, i - 1, j - 1
+            chosen, i, j = diag, i - 1, j - 1
         elif uv <= lv:
-            chosen, i2, j2 = up, i - 1, j
+            chosen, i = up, i - 1
         else:
-            chosen, i2, j2 = left, i, j - 1
-        if chosen & 1 or not lo[i2] <= j2 <= hi[i2]:
+            chosen, j = left, j - 1
+        if chosen & 1 or not lo[i] <= j <= hi[i]:
             return None  # the step depends on a value known only as a bound
-        i, j = i2, j2
     mappings[0].append(0)
     for positions in mappings:
         positions.reverse()

@@ -181,3 +181,26 @@ def transform_step_logits(
         out_logits.append(row_logits)
         out_indices.append(row_indices)
     return out_logits, out_indices
+
+
+def soft_vocab_map_reference(
+    source_tokens: Sequence[str | None], target_tokens: Sequence[str | None], *, source_marker: str, target_marker: str
+) -> list[int]:
+    """The original's MinED vocabulary map by brute force: per source id, the target id whose
+    token is nearest (Levenshtein) to the source token with its marker replaced, the lowest
+    id on ties (the original scans `get_vocab()` order, id order for its Llama tokenizer);
+    -1 for ids without a token."""
+    result = []
+    for source in source_tokens:
+        if source is None:
+            result.append(-1)
+            continue
+        query = source.replace(source_marker, target_marker)
+        best, best_id = math.inf, -1
+        for index, target in enumerate(target_tokens):
+            if target is not None:
+                distance = editdistance.eval(query, target)
+                if distance < best:
+                    best, best_id = distance, index
+        result.append(best_id)
+    return result
