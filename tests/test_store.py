@@ -228,3 +228,16 @@ def test_doc_index_checks_shapes() -> None:
     with pytest.raises(ValueError, match="offsets"):
         DocIndex(z, z, z.to(torch.uint8), z, z.double(), z)
     assert DocFlag.NONFINITE | DocFlag.WINDOWED == 5
+
+
+def test_store_pipeline_and_cli_import_light() -> None:
+    """transformers and datasets load only inside the functions that run a stage."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fusellm_kernels.store, fusellm_kernels.cli, fusellm_kernels.pipeline.teacher_pass, "
+            "fusellm_kernels.pipeline.corpus, fusellm_kernels.pipeline.scores; "
+            "print(sorted(m for m in ('transformers', 'datasets', 'triton') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -255,6 +255,35 @@ def test_resume_after_kill_is_byte_identical(tiny_corpus, tiny_llama, tmp_path) 
     assert TeacherStore(killed).manifest["counts"] == TeacherStore(straight).manifest["counts"]
 
 
+def test_resume_after_sigkill_is_byte_identical(tiny_corpus, tiny_llama, tmp_path) -> None:  # noqa: F811
+    """A real kill -9 of the command line in the middle of the pass, then the same command."""
+    import signal
+    import time
+
+    straight = tmp_path / "straight"
+    run(tiny_corpus, tiny_llama, straight, docs_per_shard=1)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "fusellm_kernels.cli", "teacher", "--corpus", str(tiny_corpus), "--model",
+           str(tiny_llama), "--output", str(out), "--docs-per-shard", "1", "--no-progress"]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "shards" / "shard-00002.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "manifest.json").exists()  # killed mid-run
+    assert main_cli(cmd[3:]) == 0
+    assert shard_bytes(out) == shard_bytes(straight)
+
+
+def main_cli(argv: list[str]) -> int:
+    from fusellm_kernels.cli import main
+
+    return main(argv)
+
+
 def test_resume_with_other_settings_is_refused(tiny_corpus, tiny_llama, tiny_gpt2, tmp_path) -> None:  # noqa: F811
     out = tmp_path / "o"
     run(tiny_corpus, tiny_llama, out, docs_per_shard=12)

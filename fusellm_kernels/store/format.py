@@ -146,7 +146,7 @@ def unpack_ids(packed: Tensor, m: int, bits: int) -> Tensor:
 class ShardArrays:
     """One shard's data in memory, in computation dtypes (T rows, D documents, k per row).
 
-    index: the `DocIndex` of the shard.  input_ids: int64 [T].  topk_ids: int64 [T, k].
+    index: the `DocIndex` of the shard.  input_ids: int64 [T].  topk_ids: int32 or int64 [T, k].
     topk_logits, nll: float32 [T, k] and [T].  token_bytes: int64 [T].  lse: float32 [T] or None.
     """
 
@@ -165,7 +165,7 @@ def encode_shard(arrays: ShardArrays, enc: StoreEncoding, num_ids: int, k: int) 
     t = idx.num_tokens
     if arrays.topk_ids.shape != (t, k) or arrays.topk_logits.shape != (t, k):
         raise ValueError(f"top-k arrays must be [{t}, {k}], got {tuple(arrays.topk_ids.shape)} and {tuple(arrays.topk_logits.shape)}")
-    ids = torch.cat([arrays.input_ids.reshape(t, 1), arrays.topk_ids], dim=1)
+    ids = torch.cat([arrays.input_ids.reshape(t, 1).to(torch.int64), arrays.topk_ids.to(torch.int64)], dim=1)
     bits = id_bits(num_ids)
     if enc.ids == "bitpack":
         ids_t = pack_ids(ids, bits)
