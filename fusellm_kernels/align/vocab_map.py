@@ -18,6 +18,12 @@ import torch
 from rapidfuzz.distance import Levenshtein
 from rapidfuzz.process import cdist
 
+def replace_marker(token: str, source_marker: str, target_marker: str) -> str:
+    """The original's `token.replace(source_marker, target_marker)`; an empty source marker
+    replaces nothing (Python would insert the target marker between every character)."""
+    return token.replace(source_marker, target_marker) if source_marker else token
+
+
 VocabLike = Mapping[str, int] | Sequence[str | None]
 _QUERY_CHUNK = 512  # source strings per cdist call: bounds its [chunk, group] int32 output
 
@@ -79,7 +85,7 @@ def vocab_map(
     for index, token in enumerate(source_tokens):
         if token is None:
             continue
-        query = token.replace(source_marker, target_marker)
+        query = replace_marker(token, source_marker, target_marker)
         hit = exact.get(query)
         if hit is not None:
             result[index] = hit
@@ -149,5 +155,5 @@ def soft_lookup(
     for index, target in enumerate(vocab_map_ids.tolist()):
         token = source_tokens[index] if index < len(source_tokens) else None
         if token is not None and target >= 0 and target_tokens[target] is not None:
-            lookup[token.replace(source_marker, target_marker)] = target_tokens[target]  # type: ignore[assignment]
+            lookup[replace_marker(token, source_marker, target_marker)] = target_tokens[target]  # type: ignore[assignment]
     return lookup
