@@ -40,8 +40,6 @@ from torch import Tensor
 from fusellm_kernels.pipeline.corpus import CorpusError, load_corpus, load_tokenizer, text_hash
 from fusellm_kernels.pipeline.summary import RunSummary
 from fusellm_kernels.store.format import (
-    TEACHER_STORE_FORMAT,
-    TEACHER_STORE_VERSION,
     ShardArrays,
     StoreEncoding,
     write_shard,
@@ -323,9 +321,17 @@ def _dist_runtime(cfg: TeacherConfig) -> _Runtime:
     return _Runtime(rank, world, local, device, dtype, owns)
 
 
-def load_model_and_tokenizer(cfg: TeacherConfig, rt: _Runtime) -> tuple[Any, Any, int]:
-    """(model, tokenizer, logits size); refuses mismatched vocabularies and missing paths."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _config_vocab(mconf: Any) -> int | None:
+    v = getattr(mconf, "vocab_size", None)
+    if v is None and hasattr(mconf, "get_text_config"):
+        v = getattr(mconf.get_text_config(), "vocab_size", None)
+    return int(v) if v else None
+
+
+def load_tokenizer_and_config(cfg: TeacherConfig) -> tuple[Any, Any, int]:
+    """(tokenizer, model config, logits size), all cheap: every check that needs no weights
+    runs before the (possibly minutes-long) model load."""
+    from transformers import AutoConfig
 
     mpath = Path(cfg.model)
     if not mpath.exists():
@@ -340,21 +346,35 @@ def load_model_and_tokenizer(cfg: TeacherConfig, rt: _Runtime) -> tuple[Any, Any
         mconf = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
     except (OSError, ValueError) as e:
         raise TeacherPassError(f"--model {cfg.model}: no model config could be loaded ({e})") from None
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=True, dtype=rt.dtype, config=mconf)
-    model.to(rt.device).eval()
-    out_emb = model.get_output_embeddings()
-    logits_size = int(out_emb.weight.shape[0]) if out_emb is not None else int(mconf.vocab_size)
-    n_tok = len(tok)
+    logits_size = _config_vocab(mconf)
+    if logits_size is None:
+        raise TeacherPassError(f"--model {cfg.model}: its config names no vocab_size")
+    _check_vocab(len(tok), logits_size, tpath)
+    if cfg.add_eos and tok.eos_token_id is None:
+        raise TeacherPassError(f"the tokenizer ({tpath}) has no EOS token; pass --no-add-eos or a tokenizer with one")
+    if cfg.add_bos and tok.bos_token_id is None:
+        raise TeacherPassError(f"the tokenizer ({tpath}) has no BOS token; drop --add-bos or use a tokenizer with one")
+    return tok, mconf, logits_size
+
+
+def _check_vocab(n_tok: int, logits_size: int, tpath: str) -> None:
     if n_tok > logits_size:
         raise TeacherPassError(
             f"the tokenizer ({tpath}) has {n_tok} tokens but the model's logits have only {logits_size} columns: "
             "ids past the logits cannot be scored, so this tokenizer does not belong to this model (check --tokenizer)"
         )
-    if cfg.add_eos and tok.eos_token_id is None:
-        raise TeacherPassError(f"the tokenizer ({tpath}) has no EOS token; pass --no-add-eos or a tokenizer with one")
-    if cfg.add_bos and tok.bos_token_id is None:
-        raise TeacherPassError(f"the tokenizer ({tpath}) has no BOS token; drop --add-bos or use a tokenizer with one")
-    return model, tok, logits_size
+
+
+def load_model(cfg: TeacherConfig, mconf: Any, rt: _Runtime, n_tok: int) -> tuple[Any, int]:
+    """(model in eval mode on the device, its actual logits size)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=True, dtype=rt.dtype, config=mconf)
+    model.to(rt.device).eval()
+    out_emb = model.get_output_embeddings()
+    logits_size = int(out_emb.weight.shape[0]) if out_emb is not None else int(_config_vocab(mconf) or 0)
+    _check_vocab(n_tok, logits_size, cfg.tokenizer or cfg.model)
+    return model, logits_size
 
 
 # --- the pass --------------------------------------------------------------------------------
@@ -530,8 +550,8 @@ def run_teacher_pass(cfg: TeacherConfig, on_shard_written: Callable[[int], None]
     rt = _dist_runtime(cfg)
     try:
         ds, corpus = load_corpus(cfg.corpus)
-        model, tok, logits_size = load_model_and_tokenizer(cfg, rt)
-        ctx = _context_length(model.config)
+        tok, mconf, logits_size = load_tokenizer_and_config(cfg)
+        ctx = _context_length(mconf)
         max_length = cfg.max_length or min(ctx or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
         if ctx is not None and max_length > ctx:
             raise TeacherPassError(f"--max-length {max_length} exceeds the model's context of {ctx} tokens; lower it")
@@ -566,6 +586,11 @@ def run_teacher_pass(cfg: TeacherConfig, on_shard_written: Callable[[int], None]
         _broadcast_error(rt, err)
         if rt.rank != 0:
             check_same_settings(read_json(out / "settings.json")["settings"], settings, out)
+        model, loaded_size = load_model(cfg, mconf, rt, len(tok))
+        if loaded_size != logits_size:
+            raise TeacherPassError(
+                f"--model {cfg.model}: its config says vocab_size {logits_size} but its output layer has {loaded_size} rows"
+            )
         shards_dir = out / "shards"
         n_docs = len(ds)
         n_shards = (n_docs + cfg.docs_per_shard - 1) // cfg.docs_per_shard
