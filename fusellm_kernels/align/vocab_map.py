@@ -100,20 +100,24 @@ def vocab_map(
 
 def _nearest_targets(queries: list[str], target_tokens: Sequence[str | None], workers: int) -> list[int]:
     """For each query, the lowest target id at the smallest Levenshtein distance."""
-    by_length: dict[int, tuple[list[str], np.ndarray]] = {}
-    for length in sorted({len(t) for t in target_tokens if t is not None}):
-        ids = [i for i, t in enumerate(target_tokens) if t is not None and len(t) == length]
-        by_length[length] = ([target_tokens[i] for i in ids], np.asarray(ids, dtype=np.int64))
+    grouped: dict[int, list[int]] = {}
+    for index, token in enumerate(target_tokens):
+        if token is not None:
+            grouped.setdefault(len(token), []).append(index)  # ids ascend within a group
+    by_length = {
+        length: ([target_tokens[i] for i in ids], np.asarray(ids, dtype=np.int64)) for length, ids in grouped.items()
+    }
     max_length = max(by_length)
+    query_length = np.fromiter((len(q) for q in queries), dtype=np.int64, count=len(queries))
     best_distance = np.full(len(queries), np.iinfo(np.int64).max, dtype=np.int64)
     best_id = np.full(len(queries), -1, dtype=np.int64)
     pending = np.arange(len(queries))
     cutoff = 1
     while pending.size:
         # Every query's distance to some target is at most max(len(query), max_length).
-        cutoff = min(cutoff, max(max_length, max(len(queries[q]) for q in pending)))
-        for length in {len(queries[q]) for q in pending}:
-            group_queries = pending[[len(queries[q]) == length for q in pending]]
+        cutoff = min(cutoff, max(max_length, int(query_length[pending].max())))
+        for length in np.unique(query_length[pending]).tolist():
+            group_queries = pending[query_length[pending] == length]
             for target_length in range(max(0, length - cutoff), length + cutoff + 1):
                 if target_length not in by_length:
                     continue
