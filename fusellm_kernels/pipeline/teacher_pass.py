@@ -31,7 +31,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -539,43 +539,64 @@ def _broadcast_error(rt: _Runtime, err: BaseException | None) -> None:
         raise StoreError(f"rank 0 failed to set up the output: {box[0]}")
 
 
+def _prefetched(items: list[int], load: Callable[[int], list[_Doc]]) -> Iterator[tuple[int, list[_Doc]]]:
+    """Yield (item, load(item)) while the next item loads in a background thread, so that
+    tokenising the next shard overlaps the model's work on this one (fast tokenizers release
+    the GIL)."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, items[0]) if items else None
+        for pos, item in enumerate(items):
+            assert pending is not None  # set for every position by construction
+            loaded = pending.result()
+            pending = pool.submit(load, items[pos + 1]) if pos + 1 < len(items) else None
+            yield item, loaded
+
+
+def _settings(cfg: TeacherConfig, corpus_fingerprint: str, max_length: int, rt: _Runtime) -> dict[str, Any]:
+    """What the stored data depends on; a resumed run must match it exactly. Keys are the
+    command-line options (``--top-k`` for top_k), so an error can name the one to change.
+    batch_tokens and device are left out: they change rounding at most, and a user who hit
+    out-of-memory must be able to resume with smaller batches."""
+    return {
+        "corpus": corpus_fingerprint,
+        "model": model_fingerprint(cfg.model),
+        "tokenizer": tokenizer_fingerprint(cfg.tokenizer or cfg.model),
+        "top_k": cfg.top_k,
+        "format": cfg.format,
+        "logit_dtype": cfg.encoding().logits,
+        "store_lse": cfg.store_lse,
+        "max_length": max_length,
+        "overflow": cfg.overflow,
+        "add_eos": cfg.add_eos,
+        "add_bos": cfg.add_bos,
+        "docs_per_shard": cfg.docs_per_shard,
+        "dtype": str(rt.dtype).removeprefix("torch."),
+        "mask_padded_vocab": cfg.mask_padded_vocab,
+    }
+
+
 def run_teacher_pass(cfg: TeacherConfig, on_shard_written: Callable[[int], None] | None = None) -> RunSummary:
     """Run the teacher pass on this rank's shards; rank 0 writes the manifest at the end.
 
     on_shard_written(shard_index) is called after each shard is complete on disk.
     """
-    t0 = time.perf_counter()
     from tqdm.auto import tqdm
 
+    t0 = time.perf_counter()
     rt = _dist_runtime(cfg)
     try:
+        # 1. everything that needs no weights: inputs, vocabularies, settings, the output dir
         ds, corpus = load_corpus(cfg.corpus)
         tok, mconf, logits_size = load_tokenizer_and_config(cfg)
         ctx = _context_length(mconf)
         max_length = cfg.max_length or min(ctx or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
         if ctx is not None and max_length > ctx:
             raise TeacherPassError(f"--max-length {max_length} exceeds the model's context of {ctx} tokens; lower it")
-        num_valid = len(tok) if cfg.mask_padded_vocab else logits_size
-        if cfg.top_k > num_valid:
-            raise TeacherPassError(f"--top-k {cfg.top_k} exceeds the vocabulary ({num_valid} ids)")
+        num_ids = len(tok) if cfg.mask_padded_vocab else logits_size
+        if cfg.top_k > num_ids:
+            raise TeacherPassError(f"--top-k {cfg.top_k} exceeds the vocabulary ({num_ids} ids)")
         enc = cfg.encoding()
-        tpath = cfg.tokenizer or cfg.model
-        settings: dict[str, Any] = {
-            "corpus": corpus.fingerprint,
-            "model": model_fingerprint(cfg.model),
-            "tokenizer": tokenizer_fingerprint(tpath),
-            "top_k": cfg.top_k,
-            "format": cfg.format,
-            "logit_dtype": enc.logits,
-            "store_lse": cfg.store_lse,
-            "max_length": max_length,
-            "overflow": cfg.overflow,
-            "add_eos": cfg.add_eos,
-            "add_bos": cfg.add_bos,
-            "docs_per_shard": cfg.docs_per_shard,
-            "dtype": str(rt.dtype).removeprefix("torch."),
-            "mask_padded_vocab": cfg.mask_padded_vocab,
-        }
+        settings = _settings(cfg, corpus.fingerprint, max_length, rt)
         out = Path(cfg.output)
         err: BaseException | None = None
         if rt.rank == 0:
@@ -586,6 +607,8 @@ def run_teacher_pass(cfg: TeacherConfig, on_shard_written: Callable[[int], None]
         _broadcast_error(rt, err)
         if rt.rank != 0:
             check_same_settings(read_json(out / "settings.json")["settings"], settings, out)
+
+        # 2. the model, and this rank's shards that are not complete yet
         model, loaded_size = load_model(cfg, mconf, rt, len(tok))
         if loaded_size != logits_size:
             raise TeacherPassError(
@@ -594,21 +617,19 @@ def run_teacher_pass(cfg: TeacherConfig, on_shard_written: Callable[[int], None]
         shards_dir = out / "shards"
         n_docs = len(ds)
         n_shards = (n_docs + cfg.docs_per_shard - 1) // cfg.docs_per_shard
-        mine = [i for i in range(n_shards) if i % rt.world == rt.rank]
-        todo = [i for i in mine if _shard_done(shards_dir, i) is None]
-        num_ids = num_valid
+        todo = [i for i in range(n_shards) if i % rt.world == rt.rank and _shard_done(shards_dir, i) is None]
 
         def docs_of(i: int) -> list[_Doc]:
             a, b = i * cfg.docs_per_shard, min(n_docs, (i + 1) * cfg.docs_per_shard)
             rows = ds.select_columns(["doc_id", "text", "text_hash"])[a:b]
-            return tokenize_documents(tok, rows["text"], rows["doc_id"], rows["text_hash"], cfg.add_bos, cfg.add_eos, max_length, cfg.overflow)
+            return tokenize_documents(tok, rows["text"], rows["doc_id"], rows["text_hash"], cfg.add_bos, cfg.add_eos,
+                                      max_length, cfg.overflow)
 
-        runner = _ShardRunner(model, cfg, rt, max_length, num_valid, logits_size)
+        # 3. run them: one shard in memory at a time, written atomically, sidecar last
+        runner = _ShardRunner(model, cfg, rt, max_length, num_ids, logits_size)
         todo_docs = sum(min(n_docs, (i + 1) * cfg.docs_per_shard) - i * cfg.docs_per_shard for i in todo)
         bar = tqdm(total=todo_docs, unit="doc", disable=not cfg.progress or rt.rank != 0, desc=f"teacher {Path(cfg.model).name}")
-        tokens_run = 0
-        bytes_run = 0
-        docs_run = 0
+        tokens_run = bytes_run = docs_run = nonfinite_run = 0
         t_compute = time.perf_counter()
 
         def on_batch(docs_done: int, rows: int) -> None:
@@ -617,37 +638,32 @@ def run_teacher_pass(cfg: TeacherConfig, on_shard_written: Callable[[int], None]
             bar.update(docs_done)
             bar.set_postfix_str(f"{tokens_run / max(time.perf_counter() - t_compute, 1e-9):,.0f} tok/s")
 
-        nonfinite_run = 0
-        # tokenisation of the next shard overlaps the model's work on this one
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(docs_of, todo[0]) if todo else None
-            for pos, i in enumerate(todo):
-                assert pending is not None
-                docs = pending.result()
-                pending = pool.submit(docs_of, todo[pos + 1]) if pos + 1 < len(todo) else None
-                arrays, counts = runner.run(docs, on_batch)
-                name = _shard_name(i)
-                sha, size, array_bytes = write_shard(shards_dir / f"{name}.safetensors", arrays, enc, num_ids, cfg.top_k)
-                idx = arrays.index
-                info = ShardInfo(
-                    index=i,
-                    file=f"shards/{name}.safetensors",
-                    sha256=sha,
-                    size_bytes=size,
-                    documents=idx.num_docs,
-                    tokens=idx.num_tokens,
-                    first_doc_id=int(idx.doc_ids.min()) if idx.num_docs else -1,
-                    last_doc_id=int(idx.doc_ids.max()) if idx.num_docs else -1,
-                    extra={**counts, "array_bytes": array_bytes},
-                )
-                write_json_atomic(shards_dir / f"{name}.json", info.to_json())
-                bytes_run += size
-                docs_run += idx.num_docs
-                nonfinite_run += counts["nonfinite_docs"]
-                if on_shard_written is not None:
-                    on_shard_written(i)
+        for i, docs in _prefetched(todo, docs_of):
+            arrays, counts = runner.run(docs, on_batch)
+            name = _shard_name(i)
+            sha, size, array_bytes = write_shard(shards_dir / f"{name}.safetensors", arrays, enc, num_ids, cfg.top_k)
+            idx = arrays.index
+            info = ShardInfo(
+                index=i,
+                file=f"shards/{name}.safetensors",
+                sha256=sha,
+                size_bytes=size,
+                documents=idx.num_docs,
+                tokens=idx.num_tokens,
+                first_doc_id=int(idx.doc_ids.min()) if idx.num_docs else -1,
+                last_doc_id=int(idx.doc_ids.max()) if idx.num_docs else -1,
+                extra={**counts, "array_bytes": array_bytes},
+            )
+            write_json_atomic(shards_dir / f"{name}.json", info.to_json())
+            bytes_run += size
+            docs_run += idx.num_docs
+            nonfinite_run += counts["nonfinite_docs"]
+            if on_shard_written is not None:
+                on_shard_written(i)
         bar.close()
-        totals = torch.tensor([tokens_run, bytes_run, docs_run, nonfinite_run, runner.real_slots, runner.padded_slots], dtype=torch.int64)
+
+        # 4. totals over ranks; rank 0 writes the manifest once every shard is there
+        totals = torch.tensor([tokens_run, bytes_run, docs_run, nonfinite_run, runner.real_slots, runner.padded_slots])
         if rt.world > 1:
             import torch.distributed as dist
 
@@ -659,8 +675,6 @@ def run_teacher_pass(cfg: TeacherConfig, on_shard_written: Callable[[int], None]
         if rt.rank == 0:
             manifest = _write_manifest(cfg, out, settings, corpus, model, tok, logits_size, max_length, enc, num_ids, n_shards)
         if rt.world > 1:
-            import torch.distributed as dist
-
             dist.barrier()
     finally:
         if rt.owns_group:
@@ -668,7 +682,8 @@ def run_teacher_pass(cfg: TeacherConfig, on_shard_written: Callable[[int], None]
 
             dist.destroy_process_group()
     tokens_run, bytes_run, docs_run, nonfinite_run, real, padded = (int(x) for x in totals)
-    extra: dict[str, Any] = {"output": str(out), "ranks": rt.world, "device": str(rt.device), "dtype": str(rt.dtype).removeprefix("torch.")}
+    extra: dict[str, Any] = {"output": str(out), "ranks": rt.world, "device": str(rt.device),
+                             "dtype": str(rt.dtype).removeprefix("torch.")}
     if manifest is not None:
         extra["store documents"] = manifest["counts"]["documents"]
         extra["store tokens"] = manifest["counts"]["tokens"]
