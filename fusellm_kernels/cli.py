@@ -5,6 +5,8 @@ Stages run in order, each reading the previous one's output directory:
     fusellm prepare data/*.jsonl --output corpus/ [--split-tokenizers tok_a tok_b]
     fusellm teacher --corpus corpus/ --model models/target --output teacher/target
     fusellm teacher --corpus corpus/ --model models/source1 --output teacher/source1
+    fusellm align --target teacher/target --source teacher/source1 --output align/source1
+    fusellm assemble --target teacher/target --alignments align/source1 --output blocks/
     torchrun --standalone --nproc-per-node 8 -m fusellm_kernels.cli teacher ...   (data-parallel)
 
 Every stage ends with a summary (documents, tokens, bytes, time, tokens/s) and can append it
@@ -21,8 +23,16 @@ from typing import Callable, Sequence
 from fusellm_kernels.pipeline.summary import RunSummary
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows each option's default and keeps the descriptions' line breaks."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' line breaks and shows each option's default where it has one
+    (not for required options, flags that default to off, or defaults the help explains)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if d is None or d is False or d == () or d is argparse.SUPPRESS or "default" in text or action.required:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,81 @@ register_stage(Stage(
 ))
 
 
+# --- align -----------------------------------------------------------------------------------
+
+
+def _align_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, help="the target model's teacher store (`fusellm teacher` output)")
+    p.add_argument("--source", required=True, help="one source model's teacher store, from the same corpus")
+    p.add_argument("--output", required=True, help="alignment directory to write; re-running the same command resumes it")
+    p.add_argument("--vocab-align", choices=("hard", "soft"), default="soft",
+                   help="when a source token agrees with a target token, and how top-k ids map: hard = exact string "
+                        "match after marker replacement; soft = also the nearest target token by edit distance (MinED)")
+    p.add_argument("--fallback", choices=("next", "current"), default="next",
+                   help="one-hot teacher of rows without an aligned source token: the token the row predicts (next), "
+                        "or the original's off-by-one current token")
+    p.add_argument("--reference", action="store_true",
+                   help="reproduce the original's remaining details (position-0 marker case for byte-level sources)")
+    p.add_argument("--normalization", choices=("markers", "text"), default="markers",
+                   help="markers: the original's DTW on marker-stripped strings; text: compare decoded token text "
+                        "(needs both tokenizers' conventions)")
+    p.add_argument("--source-marker", default=None, help="the source tokenizer's word-start marker, when detection fails")
+    p.add_argument("--target-marker", default=None, help="the target tokenizer's word-start marker, when detection fails")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (each aligns whole shards)")
+    p.add_argument("--overwrite", action="store_true", help="discard an existing alignment in --output instead of resuming it")
+
+
+def _align_run(a: argparse.Namespace) -> RunSummary:
+    from fusellm_kernels.pipeline.align_job import AlignConfig, run_align
+
+    return run_align(AlignConfig(
+        target=a.target, source=a.source, output=a.output, vocab_align=a.vocab_align, fallback=a.fallback,
+        reference=a.reference, normalization=a.normalization, source_marker=a.source_marker,
+        target_marker=a.target_marker, workers=a.workers, overwrite=a.overwrite, progress=not a.no_progress,
+    ))
+
+
+# --- assemble --------------------------------------------------------------------------------
+
+
+def _assemble_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", required=True, help="the target model's teacher store (candidate 0)")
+    p.add_argument("--alignments", nargs="+", required=True, metavar="DIR",
+                   help="one `fusellm align` output per source model, in candidate order")
+    p.add_argument("--output", required=True, help="block directory to write; re-running the same command resumes it")
+    p.add_argument("--block-len", type=int, default=2048, help="rows per training block (the original: 2048)")
+    p.add_argument("--score", choices=("per_byte", "reference"), default="per_byte",
+                   help="CE score of a document: NLL per byte of text (comparable across tokenizers), or the "
+                        "original's mean NLL per own token")
+    p.add_argument("--blocks-per-shard", type=int, default=512, help="blocks per shard file (the unit of resumption)")
+    p.add_argument("--overwrite", action="store_true", help="discard existing blocks in --output instead of resuming")
+
+
+def _assemble_run(a: argparse.Namespace) -> RunSummary:
+    from fusellm_kernels.pipeline.assemble import AssembleConfig, run_assemble
+
+    return run_assemble(AssembleConfig(
+        target=a.target, sources=tuple(a.alignments), output=a.output, block_len=a.block_len, score=a.score,
+        blocks_per_shard=a.blocks_per_shard, overwrite=a.overwrite, progress=not a.no_progress,
+    ))
+
+
+register_stage(Stage(
+    "align", "stage 3: align one source model's tokens to the target's (exact MinED) and map its vocabulary",
+    "Compute, for every document, which source position's top-k each target row takes (the original's\n"
+    "DTW with edit-distance costs, exact and fast) or its one-hot fallback, and the source -> target\n"
+    "vocabulary map. Run once per source model. Resumable per shard; parallel with --workers.",
+    _align_args, _align_run,
+))
+register_stage(Stage(
+    "assemble", "stage 4: pack aligned documents into fixed-length training blocks",
+    "Concatenate documents in corpus order into blocks of --block-len rows with, per row and candidate,\n"
+    "the position map and CE scores per document, per aligned token and per block, so MinCE/AvgCE can\n"
+    "weigh per block (the original), per document or per token at training time.",
+    _assemble_args, _assemble_run,
+))
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
@@ -160,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fusellm_kernels.pipeline.corpus import CorpusError
     from fusellm_kernels.pipeline.teacher_pass import TeacherPassError
+    from fusellm_kernels.align import ConventionError
     from fusellm_kernels.store.manifest import StoreError
 
-    return (CorpusError, TeacherPassError, StoreError)
+    return (CorpusError, TeacherPassError, StoreError, ConventionError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -81,9 +81,15 @@ def build_batch(
     k: int | None = None,
     device: torch.device | str = "cpu",
     backend: str = "auto",
+    empty_to_target: bool = False,
 ) -> TrainBatch:
     """Stack blocks and build their teacher tensors. stores[s] / vocab_maps[s] belong to
-    candidate s of the blocks (vocab map None for the target model itself)."""
+    candidate s of the blocks (vocab map None for the target model itself).
+
+    empty_to_target: the original's rule for an aligned row none of whose top-k ids has a
+    target counterpart: it takes candidate 0's (the target model's) distribution. Off, such
+    a row simply has no distribution from that candidate.
+    """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting={weighting!r}; choose one of {WEIGHTINGS}")
     s_count = blocks[0].source_pos.shape[0]
@@ -125,6 +131,12 @@ def build_batch(
         torch.stack(source_rows).to(device), fallback.to(device),
         [None if m is None else m.to(device) for m in vocab_maps], k=k, backend=backend,
     )
+    if empty_to_target:
+        rows = torch.stack(source_rows).to(device)
+        for s in range(1, s_count):
+            empty = ((rows[s] >= 0) & (teacher_ids[s] < 0).all(-1))[:, None]
+            teacher_ids[s] = torch.where(empty, teacher_ids[0], teacher_ids[s])
+            teacher_logits[s] = torch.where(empty, teacher_logits[0], teacher_logits[s])
     if weighting == "block":
         teacher_ce = torch.stack([blk.block_ce for blk in blocks], dim=1)[:, :, None].expand(s_count, b, length)
     else:

@@ -125,7 +125,9 @@ def write_block_shard(path: str | os.PathLike[str], shard: BlockShard) -> tuple[
     from safetensors.torch import save
 
     tensors = {f.name: getattr(shard, f.name).to(_ARRAY_DTYPES[f.name]).contiguous() for f in fields(shard)}
-    data = save(tensors, metadata={"format": BLOCKS_FORMAT, "format_version": str(BLOCKS_VERSION)})
+    # one metadata key: safetensors writes metadata through a hash map whose order changes
+    # between processes, and a resumed job must write byte-identical shards
+    data = save(tensors, metadata={"format": f"{BLOCKS_FORMAT}/{BLOCKS_VERSION}"})
     write_bytes_atomic(path, data)
     return sha256_bytes(data), len(data)
 

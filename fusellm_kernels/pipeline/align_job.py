@@ -1,0 +1,238 @@
+"""`fusellm align`: position maps of every document, one source model against the target.
+
+For each document of the target model's teacher store, the source store's record of the same
+document (paired by document id, verified by text hash) is aligned token by token with exact
+MinED (`fusellm_kernels.align`), and the position map — which source row's top-k each target
+row takes, or the one-hot fallback — is written to alignment shards that mirror the target
+store's shards. The vocabulary map (source id → target id, `hard` or `soft`) is computed once
+and saved beside them as `vocab_map.pt` (int32, sized by the source model's logits).
+
+Markers and byte conventions are detected from each tokenizer (`--source-marker` /
+`--target-marker` set them by hand). Resumable by shard; shards run in parallel worker
+processes (`--workers`). The manifest records tokenizers, markers, mode, counts and the
+fraction of target rows that got a real teacher distribution.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusellm_kernels.pipeline.summary import RunSummary
+from fusellm_kernels.store.alignment import DocAlignment, write_alignment_manifest, write_alignment_shard
+from fusellm_kernels.store.format import TeacherStore
+from fusellm_kernels.store.manifest import (
+    ShardInfo,
+    StoreError,
+    check_same_settings,
+    read_json,
+    settings_hash,
+    sha256_file,
+    verify_file,
+    write_json_atomic,
+)
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    target: str
+    source: str
+    output: str
+    vocab_align: str = "soft"
+    fallback: str = "next"
+    reference: bool = False
+    normalization: str = "markers"
+    source_marker: str | None = None
+    target_marker: str | None = None
+    workers: int = 1
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (
+            ("vocab-align", self.vocab_align, ("hard", "soft")),
+            ("fallback", self.fallback, ("next", "current")),
+            ("normalization", self.normalization, ("markers", "text")),
+        ):
+            if value not in allowed:
+                raise StoreError(f"--{name} {value!r}: choose one of {allowed}")
+        if self.workers < 1:
+            raise StoreError(f"--workers {self.workers} must be at least 1")
+
+
+def _tokenizer(store: TeacherStore) -> Any:
+    from fusellm_kernels.pipeline.corpus import load_tokenizer
+
+    return load_tokenizer(store.manifest["tokenizer"]["path"])
+
+
+def _settings(cfg: AlignConfig, target: TeacherStore, source: TeacherStore) -> dict[str, Any]:
+    return {
+        "target_store": target.manifest["settings_hash"],
+        "source_store": source.manifest["settings_hash"],
+        "vocab_align": cfg.vocab_align, "fallback": cfg.fallback, "reference": cfg.reference,
+        "normalization": cfg.normalization, "source_marker": cfg.source_marker, "target_marker": cfg.target_marker,
+    }
+
+
+class _Aligner:
+    """Everything one worker needs to align documents (built once per process)."""
+
+    def __init__(self, cfg: AlignConfig) -> None:
+        from fusellm_kernels.align import detect_conventions, soft_lookup, vocab_map
+
+        self.cfg = cfg
+        self.target = TeacherStore(cfg.target, verify=False)
+        self.source = TeacherStore(cfg.source, verify=False)
+        self.target_tok = _tokenizer(self.target)
+        self.source_tok = _tokenizer(self.source)
+        self.target_conv = detect_conventions(self.target_tok, marker=cfg.target_marker)
+        self.source_conv = detect_conventions(self.source_tok, marker=cfg.source_marker)
+        vocab_path = Path(cfg.output) / "vocab_map.pt"
+        if vocab_path.exists():
+            self.vocab_map = torch.load(vocab_path)
+        else:
+            self.vocab_map = vocab_map(
+                self.source_tok.get_vocab(), self.target_tok.get_vocab(),
+                source_marker=self.source_conv.marker, target_marker=self.target_conv.marker, kind=cfg.vocab_align,
+                source_logits_size=int(self.source.manifest["model"]["logits_size"]),
+                target_logits_size=int(self.target.manifest["model"]["logits_size"]), workers=-1,
+            )
+        self.lookup = None
+        if cfg.vocab_align == "soft":
+            self.lookup = soft_lookup(self.vocab_map, self.source_tok.get_vocab(), self.target_tok.get_vocab(),
+                                      source_marker=self.source_conv.marker, target_marker=self.target_conv.marker)
+
+    def document(self, doc_id: int) -> DocAlignment:
+        from fusellm_kernels.align import position_map
+
+        trec = self.target.get(doc_id)
+        try:
+            srec = self.source.get(doc_id)
+        except KeyError:
+            raise StoreError(f"document {doc_id} of the target store is missing from the source store {self.source.root}") from None
+        if srec.text_hash != trec.text_hash:
+            raise StoreError(f"document {doc_id} holds different texts in {self.target.root} and {self.source.root}: "
+                             "the stores were made from different corpora")
+        target_ids = trec.input_ids.tolist()
+        pm = position_map(
+            self.source_tok.convert_ids_to_tokens(srec.input_ids.tolist()),
+            self.target_tok.convert_ids_to_tokens(target_ids), target_ids,
+            source_marker=self.source_conv.marker, target_marker=self.target_conv.marker,
+            vocab_align=self.cfg.vocab_align, soft_lookup=self.lookup, fallback=self.cfg.fallback,
+            reference=self.cfg.reference, source_is_byte_level=self.source_conv.byte_level,
+            normalization=self.cfg.normalization, source_conventions=self.source_conv, target_conventions=self.target_conv,
+        )
+        return DocAlignment(doc_id, torch.from_numpy(pm.source_pos), torch.from_numpy(pm.fallback_id))
+
+
+_WORKER: _Aligner | None = None
+
+
+def _init_worker(cfg: AlignConfig) -> None:
+    global _WORKER
+    torch.set_num_threads(1)
+    _WORKER = _Aligner(cfg)
+
+
+def _align_shard(args: tuple[int, list[int]]) -> dict[str, Any]:
+    """Align the documents of target shard i and write alignment shard i; returns its ShardInfo."""
+    i, doc_ids = args
+    assert _WORKER is not None
+    out = Path(_WORKER.cfg.output)
+    docs = [_WORKER.document(d) for d in doc_ids]
+    rel = f"shards/align-{i:05d}.safetensors"
+    sha, size = write_alignment_shard(out / rel, docs)
+    info = ShardInfo(i, rel, sha, size, documents=len(docs), tokens=sum(d.source_pos.numel() for d in docs),
+                     first_doc_id=min(doc_ids, default=0), last_doc_id=max(doc_ids, default=0),
+                     extra={"aligned_rows": sum(d.aligned for d in docs)})
+    write_json_atomic(out / "shards" / f"align-{i:05d}.json", info.to_json())
+    return info.to_json()
+
+
+def _done(out: Path, i: int) -> ShardInfo | None:
+    sidecar = out / "shards" / f"align-{i:05d}.json"
+    if not sidecar.exists():
+        return None
+    info = ShardInfo.from_json(read_json(sidecar))
+    try:
+        verify_file(out / info.file, info.sha256, info.size_bytes)
+    except StoreError:
+        return None  # half-written or damaged: align it again
+    return info
+
+
+def run_align(cfg: AlignConfig) -> RunSummary:
+    import multiprocessing as mp
+
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    target = TeacherStore(cfg.target, verify=False)
+    source = TeacherStore(cfg.source, verify=False)
+    if target.manifest["corpus"]["fingerprint"] != source.manifest["corpus"]["fingerprint"]:
+        raise StoreError(f"the target store {cfg.target} and the source store {cfg.source} were made from different "
+                         "corpora (fingerprints differ); run both teacher passes on the same `fusellm prepare` output")
+    out = Path(cfg.output)
+    if cfg.overwrite and out.exists():
+        shutil.rmtree(out)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    settings = _settings(cfg, target, source)
+    spath = out / "settings.json"
+    if spath.exists():
+        check_same_settings(read_json(spath), settings, spath)
+    else:
+        write_json_atomic(spath, settings)
+
+    aligner = _Aligner(cfg)  # detects conventions (clear errors before any work) and builds the vocab map once
+    vocab_path = out / "vocab_map.pt"
+    if not vocab_path.exists():
+        tmp = vocab_path.with_suffix(".tmp")
+        torch.save(aligner.vocab_map, tmp)
+        tmp.replace(vocab_path)
+    shard_docs = [target.shard_index(i).doc_ids.tolist() for i in range(len(target.shards))]
+    infos: dict[int, ShardInfo] = {}
+    todo = []
+    for i, docs in enumerate(shard_docs):
+        info = _done(out, i)
+        if info is None:
+            todo.append((i, docs))
+        else:
+            infos[i] = info
+    bar = tqdm(total=len(shard_docs), initial=len(infos), desc="align", unit="shard", disable=not cfg.progress)
+    if cfg.workers == 1 or len(todo) <= 1:
+        global _WORKER
+        _WORKER = aligner
+        results = map(_align_shard, todo)
+        for r in results:
+            infos[r["index"]] = ShardInfo.from_json(r)
+            bar.update()
+    else:
+        with mp.get_context("spawn").Pool(cfg.workers, initializer=_init_worker, initargs=(cfg,)) as pool:
+            for r in pool.imap_unordered(_align_shard, todo):
+                infos[r["index"]] = ShardInfo.from_json(r)
+                bar.update()
+    bar.close()
+
+    shards = [infos[i] for i in range(len(shard_docs))]
+    manifest = write_alignment_manifest(out, shards, header={
+        "target": {"path": str(target.root), "settings_hash": target.manifest["settings_hash"],
+                   "corpus_fingerprint": target.manifest["corpus"]["fingerprint"],
+                   "tokenizer": target.manifest["tokenizer"]["path"], "conventions": asdict(aligner.target_conv)},
+        "source": {"path": str(source.root), "settings_hash": source.manifest["settings_hash"],
+                   "corpus_fingerprint": source.manifest["corpus"]["fingerprint"],
+                   "tokenizer": source.manifest["tokenizer"]["path"], "conventions": asdict(aligner.source_conv)},
+        "vocab_map": vocab_path.name, "vocab_map_sha256": sha256_file(vocab_path),
+        "vocab_map_mapped_fraction": float((aligner.vocab_map >= 0).float().mean()),
+        "settings": settings, "settings_hash": settings_hash(settings),
+    })
+    counts = manifest["counts"]
+    return RunSummary(
+        stage="align", documents=counts["documents"], tokens=counts["rows"],
+        bytes_written=sum(s.size_bytes for s in shards) + vocab_path.stat().st_size, seconds=time.perf_counter() - t0,
+        extra={"aligned_fraction": round(counts["aligned_fraction"], 4), "workers": cfg.workers},
+    )

@@ -1,0 +1,265 @@
+"""`fusellm assemble`: pack aligned documents into fixed-length training blocks.
+
+Documents are concatenated in corpus order and cut into blocks of `block_len` rows, as the
+original's packing does; a document that does not fit the room left continues in the next
+block (its piece there starts without the earlier context). The last block is padded (labels
+−100) instead of dropped. Per row and candidate the block holds the position map (which row
+of the candidate's record to take the top-k from), the one-hot fallback and three CE scores,
+so the weighting (per block, document or token) is chosen at training time:
+
+    doc_ce    the document's score (`pipeline/scores.py`; `per_byte` by default, the
+              original's per-token mean with `--score reference`). Where the per-byte score is
+              undefined (no predicted bytes, e.g. a document that is one token + EOS) the
+              per-token score stands in.
+    token_ce  the candidate's NLL at the aligned row (the target's own NLL for candidate 0);
+              NaN where the row has no aligned row (training then uses doc_ce there).
+    block_ce  the original's block score: the mean of the pieces' document scores weighted by
+              the piece's rows in the block (`reference`) or by the bytes its rows predict
+              (`per_byte`).
+
+Pairing of target and source records is by document id and text hash, verified for every
+document; stores and alignments must come from the same prepared corpus (fingerprints).
+Resumable by shard: the packing is planned from document lengths alone, so a restarted job
+rebuilds only the shards whose files are missing or damaged.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusellm_kernels.pipeline.scores import SCORE_MODES, record_score
+from fusellm_kernels.pipeline.summary import RunSummary
+from fusellm_kernels.store.alignment import AlignmentStore
+from fusellm_kernels.store.blocks import BlockShard, write_block_shard, write_blocks_manifest
+from fusellm_kernels.store.format import TeacherStore
+from fusellm_kernels.store.manifest import (
+    ShardInfo,
+    StoreError,
+    check_same_settings,
+    read_json,
+    settings_hash,
+    verify_file,
+    write_json_atomic,
+)
+from fusellm_kernels.store.records import TeacherRecord
+
+
+@dataclass(frozen=True)
+class AssembleConfig:
+    """target: the target model's teacher store (candidate 0). sources: one alignment
+    directory per source model (written by `fusellm align`, which records its source store)."""
+
+    target: str
+    sources: tuple[str, ...]
+    output: str
+    block_len: int = 2048
+    score: str = "per_byte"
+    blocks_per_shard: int = 512
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_len < 2:
+            raise StoreError(f"--block-len {self.block_len} must be at least 2")
+        if self.blocks_per_shard < 1:
+            raise StoreError(f"--blocks-per-shard {self.blocks_per_shard} must be at least 1")
+        if self.score not in SCORE_MODES:
+            raise StoreError(f"--score {self.score!r}: choose one of {SCORE_MODES}")
+
+
+@dataclass(frozen=True)
+class _Piece:
+    doc_id: int
+    start: int  # first row in the document
+    stop: int
+    block: int
+    offset: int  # first row in the block
+
+
+def plan_blocks(doc_ids: list[int], lengths: list[int], block_len: int) -> list[list[_Piece]]:
+    """Pieces per block: documents in order, cut at block boundaries."""
+    blocks: list[list[_Piece]] = [[]]
+    room = block_len
+    for doc_id, length in zip(doc_ids, lengths):
+        start = 0
+        while start < length:
+            if room == 0:
+                blocks.append([])
+                room = block_len
+            take = min(room, length - start)
+            blocks[-1].append(_Piece(doc_id, start, start + take, len(blocks) - 1, block_len - room))
+            start += take
+            room -= take
+    return [b for b in blocks if b]
+
+
+def _score(record: TeacherRecord, mode: str) -> float:
+    value = record_score(record, mode)  # type: ignore[arg-type]
+    if math.isnan(value) and mode == "per_byte":
+        value = record_score(record, "reference")
+    return value
+
+
+def _open_inputs(cfg: AssembleConfig):
+    target = TeacherStore(cfg.target, verify=False)
+    corpus_fp = target.manifest["corpus"]["fingerprint"]
+    aligns, stores = [], []
+    for path in cfg.sources:
+        al = AlignmentStore(path, verify=False)
+        for role in ("target", "source"):
+            if al.manifest[role]["corpus_fingerprint"] != corpus_fp:
+                raise StoreError(f"alignment {path} was made from a {role} store of another corpus than the target store {cfg.target}")
+        if al.manifest["target"]["settings_hash"] != target.manifest["settings_hash"]:
+            raise StoreError(f"alignment {path} was made against another target store than {cfg.target} (settings differ); run `fusellm align` again")
+        src = TeacherStore(al.manifest["source"]["path"], verify=False)
+        if src.manifest["settings_hash"] != al.manifest["source"]["settings_hash"]:
+            raise StoreError(f"the source store {src.root} changed since alignment {path} was made; run `fusellm align` again")
+        aligns.append(al)
+        stores.append(src)
+    return target, aligns, stores
+
+
+def _build_shard(blocks: list[list[_Piece]], target: TeacherStore, aligns, stores, cfg: AssembleConfig) -> BlockShard:
+    n_blocks, length, s_count = len(blocks), cfg.block_len, 1 + len(stores)
+    shard = dict(
+        input_ids=torch.zeros(n_blocks, length, dtype=torch.int32),
+        labels=torch.full((n_blocks, length), -100, dtype=torch.int32),
+        doc_index=torch.full((n_blocks, length), -1, dtype=torch.int32),
+        source_pos=torch.full((s_count, n_blocks, length), -1, dtype=torch.int32),
+        fallback_id=torch.full((s_count, n_blocks, length), -1, dtype=torch.int32),
+        doc_ce=torch.zeros(s_count, n_blocks, length),
+        token_ce=torch.full((s_count, n_blocks, length), float("nan")),
+        block_ce=torch.zeros(s_count, n_blocks),
+    )
+    doc_ids, first_rows, offsets = [], [], [0]
+    cache: dict[int, tuple[TeacherRecord, list[TeacherRecord], list[Any], list[float]]] = {}
+    for b, pieces in enumerate(blocks):
+        weights = torch.zeros(len(pieces))
+        piece_scores = torch.zeros(s_count, len(pieces))
+        for p, pc in enumerate(pieces):
+            if pc.doc_id not in cache:
+                trec = target.get(pc.doc_id)
+                srecs, maps = [], []
+                for al, st in zip(aligns, stores):
+                    srec, amap = st.get(pc.doc_id), al.get(pc.doc_id)
+                    if srec.text_hash != trec.text_hash:
+                        raise StoreError(f"document {pc.doc_id}: source store {st.root} holds another text than the target store")
+                    if amap.source_pos.numel() != trec.num_tokens:
+                        raise StoreError(f"document {pc.doc_id}: alignment {al.root} has {amap.source_pos.numel()} rows, the target record {trec.num_tokens}")
+                    srecs.append(srec)
+                    maps.append(amap)
+                scores = [_score(r, cfg.score) for r in [trec, *srecs]]
+                cache = {pc.doc_id: (trec, srecs, maps, scores)}  # pieces of one document are adjacent
+            trec, srecs, maps, scores = cache[pc.doc_id]
+            rows = slice(pc.offset, pc.offset + pc.stop - pc.start)
+            doc_rows = torch.arange(pc.start, pc.stop)
+            shard["input_ids"][b, rows] = trec.input_ids[pc.start:pc.stop].to(torch.int32)
+            nxt = doc_rows + 1
+            has_next = nxt < trec.num_tokens
+            shard["labels"][b, rows] = torch.where(has_next, trec.input_ids[nxt.clamp_max(trec.num_tokens - 1)], -100).to(torch.int32)
+            shard["doc_index"][b, rows] = p
+            shard["source_pos"][0, b, rows] = doc_rows.to(torch.int32)
+            shard["token_ce"][0, b, rows] = torch.where(has_next, trec.nll[pc.start:pc.stop], float("nan"))
+            for s, (srec, amap) in enumerate(zip(srecs, maps), start=1):
+                sp = amap.source_pos[pc.start:pc.stop]
+                shard["source_pos"][s, b, rows] = sp
+                shard["fallback_id"][s, b, rows] = amap.fallback_id[pc.start:pc.stop]
+                shard["token_ce"][s, b, rows] = torch.where(sp >= 0, srec.nll[sp.clamp_min(0).long()], float("nan"))
+            for s in range(s_count):
+                shard["doc_ce"][s, b, rows] = scores[s]
+            piece_scores[:, p] = torch.tensor(scores)
+            predicted = trec.token_bytes[pc.start + 1:pc.stop + 1].sum() if cfg.score == "per_byte" else int(has_next.sum())
+            weights[p] = float(predicted)
+            doc_ids.append(pc.doc_id)
+            first_rows.append(pc.start)
+        ok = torch.isfinite(piece_scores) & (weights > 0)
+        w = torch.where(ok, weights, 0.0)
+        shard["block_ce"][:, b] = (torch.where(ok, piece_scores, 0.0) * w).sum(1) / w.sum(1).clamp_min(1e-12)
+        offsets.append(offsets[-1] + len(pieces))
+    return BlockShard(
+        **shard, block_doc_offsets=torch.tensor(offsets, dtype=torch.int64),
+        doc_ids=torch.tensor(doc_ids, dtype=torch.int64), doc_first_row=torch.tensor(first_rows, dtype=torch.int32),
+    )
+
+
+def _shard_name(i: int) -> str:
+    return f"blocks-{i:05d}"
+
+
+def run_assemble(cfg: AssembleConfig) -> RunSummary:
+    """Plan, build and write the blocks; returns the run summary."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    target, aligns, stores = _open_inputs(cfg)
+    out = Path(cfg.output)
+    settings = {
+        "target_settings": target.manifest["settings_hash"],
+        "alignments": [al.manifest.get("settings_hash") for al in aligns],
+        "block_len": cfg.block_len, "score": cfg.score, "blocks_per_shard": cfg.blocks_per_shard,
+    }
+    if cfg.overwrite and out.exists():
+        shutil.rmtree(out)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    spath = out / "settings.json"
+    if spath.exists():
+        check_same_settings(read_json(spath), settings, spath)
+    else:
+        write_json_atomic(spath, settings)
+
+    doc_ids, lengths = [], []
+    for i in range(len(target.shards)):
+        idx = target.shard_index(i)
+        doc_ids += idx.doc_ids.tolist()
+        lengths += idx.lengths().tolist()
+    for al in aligns:
+        missing = set(doc_ids) - set(al.doc_ids())
+        if missing:
+            raise StoreError(f"alignment {al.root} lacks {len(missing)} documents of the target store (e.g. id {min(missing)}); run `fusellm align` again")
+    blocks = plan_blocks(doc_ids, lengths, cfg.block_len)
+    n_shards = max(1, math.ceil(len(blocks) / cfg.blocks_per_shard))
+    infos: list[ShardInfo] = []
+    for i in tqdm(range(n_shards), desc="assemble", unit="shard", disable=not cfg.progress):
+        name = _shard_name(i)
+        sidecar = out / "shards" / f"{name}.json"
+        if sidecar.exists():
+            info = ShardInfo.from_json(read_json(sidecar))
+            try:
+                verify_file(out / info.file, info.sha256, info.size_bytes)
+                infos.append(info)
+                continue
+            except StoreError:
+                pass  # damaged or half-written: build it again
+        part = blocks[i * cfg.blocks_per_shard:(i + 1) * cfg.blocks_per_shard]
+        shard = _build_shard(part, target, aligns, stores, cfg)
+        rel = f"shards/{name}.safetensors"
+        sha, size = write_block_shard(out / rel, shard)
+        ids = shard.doc_ids.tolist()
+        info = ShardInfo(i, rel, sha, size, documents=len(ids), tokens=int((shard.doc_index >= 0).sum()),
+                         first_doc_id=min(ids), last_doc_id=max(ids), extra={"blocks": shard.num_blocks})
+        write_json_atomic(sidecar, info.to_json())
+        infos.append(info)
+
+    candidates = [{"name": target.manifest["model"]["path"], "store": str(target.root), "vocab_map": None,
+                   "aligned_fraction": 1.0}]
+    for al, st in zip(aligns, stores):
+        candidates.append({"name": st.manifest["model"]["path"], "store": str(st.root), "alignment": str(al.root),
+                           "vocab_map": str(al.root / al.manifest["vocab_map"]),
+                           "reference": bool(al.manifest["settings"]["reference"]),
+                           "aligned_fraction": al.manifest["counts"]["aligned_fraction"]})
+    manifest = write_blocks_manifest(out, infos, block_len=cfg.block_len, candidates=candidates, header={
+        "corpus": target.manifest["corpus"], "score": cfg.score, "settings": settings, "settings_hash": settings_hash(settings),
+        "target_vocab_size": target.manifest["model"]["logits_size"],
+    })
+    total_bytes = sum(s.size_bytes for s in infos)
+    return RunSummary(
+        stage="assemble", documents=len(doc_ids), tokens=int(manifest["counts"]["tokens"]), bytes_written=total_bytes,
+        seconds=time.perf_counter() - t0,
+        extra={"blocks": manifest["counts"]["blocks"], "aligned_fraction": {c["name"]: round(c["aligned_fraction"], 4) for c in candidates}},
+    )
