@@ -196,10 +196,19 @@ def test_incomplete_or_foreign_store_is_refused(tmp_path: Path) -> None:
         TeacherStore(tmp_path)
 
 
-def test_unknown_document_id_is_a_key_error(tmp_path: Path) -> None:
-    write_store(tmp_path, [make_arrays([5, 6], 3, 100)], StoreEncoding.compact(), 3, 100)
-    with pytest.raises(KeyError, match="document id 7"):
-        TeacherStore(tmp_path).get(7)
+def test_lookup_by_id_in_ordered_and_unordered_shards(tmp_path: Path) -> None:
+    ordered = [make_arrays([5, 6], 3, 100, 0, seed=1), make_arrays([2, 3, 4], 3, 100, 2, seed=2)]
+    write_store(tmp_path / "o", ordered, StoreEncoding.lossless(), 3, 100)
+    shuffled = [make_arrays([2, 3, 4], 3, 100, 10, seed=3), make_arrays([5, 6], 3, 100, 0, seed=4)]
+    write_store(tmp_path / "u", shuffled, StoreEncoding.lossless(), 3, 100)
+    for root, shards in ((tmp_path / "o", ordered), (tmp_path / "u", shuffled)):
+        store = TeacherStore(root)
+        for i, a in enumerate(shards):
+            for d, sl in docs_of(a):
+                assert store.locate(int(a.index.doc_ids[d])) == (i, d)
+                assert torch.equal(store.get(int(a.index.doc_ids[d])).topk_ids, a.topk_ids[sl])
+        with pytest.raises(KeyError, match="document id 7"):
+            store.get(7)
 
 
 def test_atomic_write_leaves_nothing_when_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,6 +36,7 @@ Encodings (`StoreEncoding`):
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -310,6 +311,9 @@ class TeacherStore:
         self._verified: set[int] = set()
         self._handles: dict[int, Any] = {}
         self._indices: dict[int, DocIndex] = {}
+        self._ordered: bool | None = None
+        self._firsts: list[int] = []
+        self._nonempty: list[int] = []
 
     # context management keeps the memory maps' lifetime explicit
     def __enter__(self) -> TeacherStore:
@@ -380,10 +384,22 @@ class TeacherStore:
 
     def locate(self, doc_id: int) -> tuple[int, int]:
         """(shard, position in shard) of a document id; KeyError when absent. Opens only the
-        shards whose recorded id range holds the id."""
+        shards whose recorded id range holds the id (one, found by bisection, when the
+        shards' ranges are ordered and disjoint, as the teacher pass writes them)."""
         doc_id = int(doc_id)
-        for i, s in enumerate(self.shards):
-            if s.first_doc_id <= doc_id <= s.last_doc_id:
+        if self._ordered is None:
+            self._nonempty = [i for i, s in enumerate(self.shards) if s.documents]
+            ranges = [(self.shards[i].first_doc_id, self.shards[i].last_doc_id) for i in self._nonempty]
+            self._ordered = all(a[1] < b[0] for a, b in zip(ranges, ranges[1:]))
+            self._firsts = [r[0] for r in ranges]
+        if self._ordered:
+            j = bisect.bisect_right(self._firsts, doc_id) - 1
+            candidates = [self._nonempty[j]] if j >= 0 else []
+        else:
+            candidates = self._nonempty
+        for i in candidates:
+            s = self.shards[i]
+            if s.documents and s.first_doc_id <= doc_id <= s.last_doc_id:
                 hits = (self.shard_index(i).doc_ids == doc_id).nonzero()
                 if hits.numel():
                     return i, int(hits[0, 0])
