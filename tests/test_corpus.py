@@ -61,6 +61,10 @@ def test_empty_and_whitespace_documents_are_dropped_or_kept(tmp_path: Path) -> N
     assert list(ds["text"]) == ["a b", "c"] and list(ds["source_index"]) == [0, 3] and list(ds["doc_id"]) == [0, 1]
     ds, _ = load_corpus(prep(tmp_path, src, name="keep", keep_empty=True))
     assert list(ds["text"]) == ["a b", "", "  \n\t", "c"]
+    with pytest.raises(CorpusError, match="no documents"):
+        prep(tmp_path, write_jsonl(tmp_path / "none.jsonl", ["", " "]), name="none")
+    assert not (tmp_path / "none").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
 
 
 def test_bad_inputs_name_the_option(tmp_path: Path) -> None:

@@ -302,6 +302,11 @@ def prepare_corpus(cfg: PrepareConfig) -> RunSummary:
             cache_file_name=str(work / "cache" / "docs.arrow"),
             desc="prepare",
         )
+        if len(docs) == 0:
+            raise CorpusError(
+                f"no documents: the {len(raw)} input rows are all empty or whitespace-only; "
+                "check --text-field (or pass --keep-empty to keep them)"
+            )
         docs = docs.add_column("doc_id", list(range(len(docs))))
         docs = docs.select_columns(["doc_id", "text", "text_hash", "source", "source_index", "chunk"])
         docs = docs.cast_column("doc_id", datasets.Value("int64"))
