@@ -1,0 +1,161 @@
+"""Training data: assembled blocks, their candidates' teacher stores, a resumable sampler.
+
+`open_data` checks everything that can be checked without reading the blocks (manifests,
+stores, vocab maps, block length, vocabularies) before the first step and names the file at
+fault. `BlockSampler` decides which blocks form each optimiser step; its state is the global
+(epoch, step) pair, so it does not depend on the number of ranks: the same global batch is
+split differently over 1 or 8 ranks, and the gradient, normalised by the global token count,
+is the same. `make_batch` turns a rank's share of blocks into a `TrainBatch` on the device
+(teacher tensors gathered there by `build_batch`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusellm_kernels.pipeline.batches import TrainBatch, _positions, build_batch  # one definition of restarting positions
+from fusellm_kernels.store.blocks import Block, BlockStore
+from fusellm_kernels.store.format import TeacherStore
+from fusellm_kernels.store.manifest import StoreError
+
+
+class DataError(StoreError):
+    """Training data that cannot be used as given; the message names the file."""
+
+
+@dataclass
+class TrainData:
+    blocks: BlockStore
+    stores: list[TeacherStore]           # empty in CLM mode: CE needs no teachers
+    vocab_maps: list[torch.Tensor | None]
+    names: list[str]                     # candidate names, target first
+    train_range: range                   # block indices used for training
+    eval_blocks: BlockStore | None
+    eval_range: range
+
+
+def _load_vocab_map(path: Path, source_vocab: int, target_vocab: int) -> torch.Tensor:
+    if not path.exists():
+        raise DataError(f"vocab map {path} (named in the blocks manifest) is missing")
+    m = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(m, torch.Tensor) or m.dim() != 1 or m.dtype not in (torch.int32, torch.int64):
+        raise DataError(f"vocab map {path} must hold a 1-D int32 tensor (source id -> target id)")
+    if m.numel() < source_vocab:
+        raise DataError(f"vocab map {path} covers {m.numel()} source ids but its teacher store holds ids up to {source_vocab - 1}")
+    if m.numel() and int(m.max()) >= target_vocab:
+        raise DataError(f"vocab map {path} sends ids to {int(m.max())}, beyond the model's vocabulary of {target_vocab}")
+    return m.int()
+
+
+def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, model_vocab: int, fusion: bool) -> TrainData:
+    """Open and cross-check the blocks, stores and vocab maps (no block is read yet)."""
+    blocks = BlockStore(data)
+    manifest = Path(data) / "manifest.json"
+    if blocks.block_len != seq_len:
+        raise DataError(f"{manifest} has block_len {blocks.block_len} but --seq-len is {seq_len}; set --seq-len {blocks.block_len}")
+    stores: list[TeacherStore] = []
+    maps: list[torch.Tensor | None] = []
+    names = [str(c.get("name", f"candidate{i}")) for i, c in enumerate(blocks.candidates)]
+    if fusion:
+        if not blocks.candidates:
+            raise DataError(f"{manifest} names no candidates; fusion needs at least the target model's teacher store")
+        for i, cand in enumerate(blocks.candidates):
+            store_path = Path(cand["store"])
+            if not store_path.is_absolute() and not store_path.exists():
+                store_path = Path(data) / store_path  # stores may be named relative to the blocks
+            store = TeacherStore(store_path, verify=False)
+            num_ids = int(store.manifest["num_ids"])
+            if i == 0 and num_ids > model_vocab:
+                raise DataError(f"{store_path / 'manifest.json'}: the target's store holds ids up to {num_ids - 1}, "
+                                f"beyond the model's vocabulary of {model_vocab}; is --model the target model of these blocks?")
+            vm = cand.get("vocab_map")
+            if i > 0 and not vm:
+                raise DataError(f"{manifest}: candidate {i} ({names[i]}) has no vocab_map; every source needs one")
+            maps.append(_load_vocab_map(Path(vm), num_ids, model_vocab) if vm else None)
+            stores.append(store)
+        first = blocks.shard(0) if len(blocks.shards) else None
+        if first is not None and first.source_pos.shape[0] != len(stores):
+            raise DataError(f"{blocks.root / blocks.shards[0].file} holds {first.source_pos.shape[0]} candidates "
+                            f"but {manifest} names {len(stores)}")
+    n = len(blocks)
+    if eval_data:
+        eval_blocks: BlockStore | None = BlockStore(eval_data)
+        if eval_blocks.block_len != seq_len:
+            raise DataError(f"{Path(eval_data) / 'manifest.json'} has block_len {eval_blocks.block_len}, not --seq-len {seq_len}")
+        train_range, eval_range = range(n), range(len(eval_blocks))
+    else:
+        if eval_holdout >= n:
+            raise DataError(f"--eval-holdout {eval_holdout} leaves no training blocks: {manifest} holds {n}")
+        eval_blocks = blocks if eval_holdout else None
+        train_range, eval_range = range(n - eval_holdout), range(n - eval_holdout, n)
+    return TrainData(blocks, stores, maps, names, train_range, eval_blocks, eval_range)
+
+
+class BlockSampler:
+    """Shuffled global batches of block indices, one permutation per epoch (seeded by seed + epoch).
+
+    Optimiser step s of an epoch takes positions [s·G, (s+1)·G) of the permutation
+    (G = global batch); an incomplete last batch is dropped, so every step has G blocks.
+    Rank r of W takes the r-th contiguous 1/W of the global batch, and micro-step a of its
+    share the a-th slice of `micro` blocks.
+    """
+
+    def __init__(self, indices: range, global_batch: int, seed: int) -> None:
+        self.indices, self.global_batch, self.seed = indices, global_batch, seed
+        self.steps_per_epoch = len(indices) // global_batch
+        self.epoch, self.step_in_epoch = 0, 0
+        self._perm: list[int] | None = None
+
+    def _permutation(self) -> list[int]:
+        if self._perm is None:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            self._perm = [self.indices[i] for i in torch.randperm(len(self.indices), generator=g).tolist()]
+        return self._perm
+
+    def next_global_batch(self) -> list[int]:
+        """Block indices of the next optimiser step (all ranks), advancing the state."""
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{len(self.indices)} training blocks cannot fill one global batch of {self.global_batch}; lower --global-batch")
+        if self.step_in_epoch == self.steps_per_epoch:
+            self.epoch, self.step_in_epoch, self._perm = self.epoch + 1, 0, None
+        s = self.step_in_epoch
+        self.step_in_epoch += 1
+        return self._permutation()[s * self.global_batch:(s + 1) * self.global_batch]
+
+    @staticmethod
+    def micro_batches(global_batch: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
+        share = len(global_batch) // world
+        mine = global_batch[rank * share:(rank + 1) * share]
+        return [mine[a:a + micro] for a in range(0, len(mine), micro)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed,
+                "global_batch": self.global_batch, "num_blocks": len(self.indices)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, mine in (("seed", self.seed), ("global_batch", self.global_batch), ("num_blocks", len(self.indices))):
+            if int(state[key]) != mine:
+                raise DataError(f"the checkpoint's sampler had {key}={state[key]} but this run has {mine}; "
+                                "resume with the same data, --seed and --global-batch")
+        self.epoch, self.step_in_epoch, self._perm = int(state["epoch"]), int(state["step_in_epoch"]), None
+
+
+def make_batch(data: TrainData, indices: list[int], *, fusion: bool, weighting: str, top_k: int,
+               device: torch.device, store: BlockStore | None = None) -> TrainBatch:
+    """The `TrainBatch` of some blocks; in CLM mode (or for evaluation) with one empty teacher slot."""
+    blocks: list[Block] = [(store or data.blocks)[i] for i in indices]
+    if fusion:
+        return build_batch(blocks, data.stores, data.vocab_maps, weighting=weighting, k=top_k or None, device=device)
+    doc_index = torch.stack([b.doc_index for b in blocks]).long()
+    n = doc_index.numel()
+    return TrainBatch(
+        input_ids=torch.stack([b.input_ids for b in blocks]).long().to(device),
+        labels=torch.stack([b.labels for b in blocks]).long().to(device),
+        position_ids=_positions(doc_index).to(device), segment_ids=torch.arange(n, device=device), doc_index=doc_index.to(device),
+        attention_mask=(doc_index >= 0).to(device),
+        teacher_ids=torch.full((1, n, 1), -1, dtype=torch.int32, device=device),
+        teacher_logits=torch.zeros(1, n, 1, device=device), teacher_ce=torch.zeros(1, n, device=device),
+    )
