@@ -203,12 +203,14 @@ def test_nonfinite_logits_are_counted_and_flagged(tiny_corpus, models_dir, tok_b
             counts[t] = counts.get(t, 0) + 1
     bad_tok = min((t for t, c in counts.items() if 2 <= c <= 6), key=lambda t: counts[t])
     nan_model = build_model(models_dir / "nan", tok_bytelevel, nan_token=bad_tok)
-    summary = run_teacher_pass(TeacherConfig(corpus=str(tiny_corpus), model=str(nan_model), output=str(tmp_path / "n"),
-                                             progress=False, docs_per_shard=5))
+    with pytest.warns(RuntimeWarning, match="NaN/inf logits"):
+        summary = run_teacher_pass(TeacherConfig(corpus=str(tiny_corpus), model=str(nan_model),
+                                                 output=str(tmp_path / "n"), progress=False, docs_per_shard=5))
     store = TeacherStore(tmp_path / "n")
     expected = {d for d, ids in zip(list(ds["doc_id"]), enc) if bad_tok in ids}
     flagged = {r.doc_id for r in store if r.flags & DocFlag.NONFINITE}
     assert flagged == expected and len(expected) == counts[bad_tok]
+    assert summary.extra["nonfinite doc ids"].split(", ")[0] == str(min(expected))
     assert store.manifest["counts"]["nonfinite_docs"] == len(expected) == summary.extra["nonfinite docs this run"]
     # NaN reaches every row of its document (attention multiplies masked NaN keys by 0), but never
     # another document of the batch

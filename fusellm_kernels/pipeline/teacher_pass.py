@@ -29,6 +29,7 @@ import hashlib
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
@@ -398,7 +399,7 @@ class _ShardRunner:
         self.real_slots = 0
 
     @torch.inference_mode()
-    def run(self, docs: list[_Doc], on_batch: Callable[[int, int], None]) -> tuple[ShardArrays, dict[str, int]]:
+    def run(self, docs: list[_Doc], on_batch: Callable[[int, int], None]) -> tuple[ShardArrays, dict[str, Any]]:
         k, L = self.cfg.top_k, self.max_length
         lengths = torch.tensor([d.ids.shape[0] for d in docs], dtype=torch.int64)
         offsets = torch.zeros(len(docs) + 1, dtype=torch.int64)
@@ -481,6 +482,7 @@ class _ShardRunner:
             "text_bytes": int(bytes_sum.sum()),
             "nonfinite_docs": int((bad_rows > 0).sum()),
             "nonfinite_rows": int(bad_rows.sum()),
+            "nonfinite_doc_ids": [int(d) for d in index.doc_ids[bad_rows > 0][:100]],
             "truncated_docs": sum(1 for d in docs if d.flags & DocFlag.TRUNCATED),
             "windowed_docs": sum(1 for d in docs if d.flags & DocFlag.WINDOWED),
             "empty_docs": sum(1 for d in docs if d.flags & DocFlag.EMPTY),
@@ -689,6 +691,15 @@ def run_teacher_pass(cfg: TeacherConfig, on_shard_written: Callable[[int], None]
         extra["store tokens"] = manifest["counts"]["tokens"]
         extra["bytes/token"] = round(manifest["bytes_per_token"]["files"], 3)
         extra["flagged nonfinite"] = manifest["counts"]["nonfinite_docs"]
+        if manifest["counts"]["nonfinite_docs"]:
+            some = [d for s in manifest["shards"] for d in s["extra"].get("nonfinite_doc_ids", [])][:10]
+            extra["nonfinite doc ids"] = ", ".join(map(str, some)) + (" ..." if manifest["counts"]["nonfinite_docs"] > 10 else "")
+            warnings.warn(
+                f"{manifest['counts']['nonfinite_docs']} documents had NaN/inf logits (document ids {extra['nonfinite doc ids']}); "
+                "they are stored flagged DocFlag.NONFINITE (their NLL and CE scores are NaN); check the model's weights and --dtype",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     extra["padding efficiency"] = round(real / padded, 4) if padded else 1.0
     extra["nonfinite docs this run"] = nonfinite_run
     return RunSummary("teacher", docs_run, tokens_run, bytes_run, time.perf_counter() - t0, extra)
