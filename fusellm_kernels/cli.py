@@ -227,6 +227,86 @@ register_stage(Stage(
 ))
 
 
+# --- train / eval ----------------------------------------------------------------------------
+
+
+def _training_package() -> None:
+    """`training/` sits beside `fusellm_kernels/` in the repository, outside the installed
+    package; a `fusellm` installed in editable mode finds it through the checkout."""
+    try:
+        import training  # noqa: F401
+    except ModuleNotFoundError:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if not os.path.exists(os.path.join(root, "training", "train.py")):
+            raise SystemExit("fusellm train/eval need the repository's training/ package: run from a checkout "
+                             "(pip install -e .) or `python -m training.train`") from None
+        sys.path.insert(0, root)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _training_package()
+    from training.config import add_arguments
+
+    add_arguments(p, skip=("progress",))  # --no-progress is every stage's flag
+
+
+def _train_run(a: argparse.Namespace) -> RunSummary:
+    from training.config import ConfigError, from_args
+    from training.parallel import ModelError
+    from training.train import TrainingError, train
+
+    try:
+        cfg = from_args(a)
+        cfg.progress = not a.no_progress
+        r = train(cfg)
+    except (ConfigError, ModelError, TrainingError) as e:
+        print(f"fusellm train: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return RunSummary("train", r["blocks"], r["tokens"], r["bytes_written"], r["seconds"], extra={
+        "step": r["step"], "eval ppl": r["eval_ppl"], "checkpoint": r["checkpoint"], "export": r["export"]})
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    _training_package()
+    p.add_argument("--model", required=True, help="a transformers folder (e.g. a run's export/), read locally")
+    p.add_argument("--data", required=True, help="held-out assembled blocks (`fusellm assemble`); only the tokens are used")
+    p.add_argument("--micro-batch", type=int, default=1, help="blocks per rank per forward")
+    p.add_argument("--eval-batches", type=int, default=0, help="blocks per rank (0: all)")
+    p.add_argument("--attention", choices=("document", "block"), default="document",
+                   help="document: rows see only their own document piece; block: the whole block")
+    p.add_argument("--attn-implementation", default="sdpa", help="sdpa, eager or flash_attention_2")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+
+
+def _eval_run(a: argparse.Namespace) -> RunSummary:
+    from training.config import ConfigError
+    from training.parallel import ModelError
+    from training.train import evaluate_model
+
+    try:
+        r = evaluate_model(a.model, a.data, micro_batch=a.micro_batch, eval_batches=a.eval_batches, attention=a.attention,
+                           attn_implementation=a.attn_implementation, device=a.device)
+    except (ConfigError, ModelError) as e:
+        print(f"fusellm eval: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return RunSummary("eval", r["blocks"], r["tokens"], 0, r["seconds"], extra={"eval loss": r["eval_loss"], "eval ppl": r["eval_ppl"]})
+
+
+register_stage(Stage(
+    "train", "stage 5: train the target model on the blocks with FSDP2 (fusion or CLM-only)",
+    "Train the target model on assembled blocks: lambda * CE + (1 - lambda) * divergence to the fused\n"
+    "teacher (or CE only with --mode clm), FSDP2 under torchrun, resumable DCP checkpoints, held-out\n"
+    "perplexity, a transformers export. Every option of training/config.py is a flag; --preset first.\n"
+    "  torchrun --standalone --nproc-per-node 8 -m fusellm_kernels.cli train --preset llama2-7b ...",
+    _train_args, _train_run,
+))
+register_stage(Stage(
+    "eval", "held-out CLM perplexity of a transformers folder on assembled blocks",
+    "exp(mean next-token cross entropy) over the blocks' target tokens; data-parallel under torchrun.",
+    _eval_args, _eval_run,
+))
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 

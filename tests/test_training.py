@@ -28,7 +28,7 @@ import torch
 from training.config import ConfigError, TrainConfig, preset
 from training.metrics import read_metrics
 from training.synthetic import SyntheticSpec, write_synthetic_run
-from training.train import TrainingError, evaluate_model, train
+from training.train import TrainingError, train
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "train_tiny.json"
@@ -175,13 +175,18 @@ def test_export_reloads_with_from_pretrained(single):
 
 
 
-def test_eval_command_is_plain_perplexity(world, single):
-    """`fusellm eval` (evaluate_model) = exp(mean next-token CE) of the exported model, computed plainly."""
+def test_eval_command_is_plain_perplexity(world, single, tmp_path):
+    """`fusellm eval` = exp(mean next-token CE) of the exported model, computed plainly."""
     from transformers import AutoModelForCausalLM
 
+    from fusellm_kernels.cli import main
     from fusellm_kernels.store.blocks import BlockStore
 
-    got = evaluate_model(str(single / "export"), str(world["blocks"]), attention="block", micro_batch=2)
+    summary = tmp_path / "eval.jsonl"
+    assert main(["eval", "--model", str(single / "export"), "--data", str(world["blocks"]), "--attention", "block",
+                 "--micro-batch", "2", "--summary-json", str(summary)]) == 0
+    got = json.loads(summary.read_text())
+    got["blocks"] = got["documents"]
     model = AutoModelForCausalLM.from_pretrained(single / "export")
     blocks = BlockStore(world["blocks"])
     ce, n = 0.0, 0
@@ -231,7 +236,7 @@ def test_clm_mode_equals_plain_cross_entropy_loop(world):
         opt.step()
         sched.step()
         opt.zero_grad()
-        want.append(float(loss))
+        want.append(float(loss.detach()))
     _close(got, want, rtol=1e-5)
 
 

@@ -182,19 +182,21 @@ def preset(name: str, **overrides: Any) -> TrainConfig:
 
 # ---------------------------------------------------------------------- command line
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """One flag per field (defaults None, so that only flags actually given override the preset)."""
+def add_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field. Flags not given stay absent (argparse.SUPPRESS), so that only flags
+    actually given override the preset; `skip`: fields whose flag the caller defines itself."""
     p.add_argument("--preset", default="", help=f"start from a named preset: {sorted(PRESETS)}")
     for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} (default: {f.default!r})"
         if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif isinstance(f.default, tuple):
-            p.add_argument(flag, type=float, nargs="+", default=None, help=help_text)
+            p.add_argument(flag, type=float, nargs="+", default=argparse.SUPPRESS, help=help_text)
         else:
-            scalar = type(f.default) if not isinstance(f.default, str) else str
-            p.add_argument(flag, type=scalar, default=None, help=help_text)
+            p.add_argument(flag, type=type(f.default), default=argparse.SUPPRESS, help=help_text)
 
 
 def from_args(a: argparse.Namespace) -> TrainConfig:

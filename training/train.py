@@ -57,7 +57,8 @@ class TrainingError(RuntimeError):
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) training; returns {"step", "output", "checkpoint", "export", "eval_ppl"}."""
+    """Run (or resume) training; returns the final step, what this run did (steps_run, blocks,
+    tokens, seconds, bytes_written) and where things are (output, checkpoint, export), eval_ppl."""
     d = init_distributed(cfg.device)
     try:
         return _train(cfg.validate(d.world), d)
@@ -128,6 +129,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     # 4. The loop.
     progress = _progress(cfg.progress and d.is_main, state.step, steps_total)
     last_saved = resume_from
+    started, tokens_run, steps_run = time.perf_counter(), 0, 0
     while state.step < steps_total:
         step = state.step + 1
         t0 = time.perf_counter()
@@ -163,6 +165,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
 
         dt = time.perf_counter() - t0
         tokens = float(n_tokens)
+        tokens_run, steps_run = tokens_run + int(tokens), steps_run + 1
         record = {"step": step, "loss": values[0], "ce": values[1], "fusion": values[2], "grad_norm": values[3],
                   "lr": scheduler.get_last_lr()[0], "tokens": int(tokens), "step_s": dt, "tokens_per_s": tokens / dt,
                   "mfu": None if peak is None else flops_per_token * tokens / dt / (peak * d.world),
@@ -172,7 +175,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         log.write(record)
         progress.update(1)
         if data.eval_blocks is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps_total):
-            eval_loss = evaluate(model, data, cfg, d, weights)
+            eval_loss, _ = evaluate(model, data, cfg, d, weights)
             eval_ppl = math.exp(min(eval_loss, 700.0))
             log.write({"step": step, "eval_loss": eval_loss, "eval_ppl": eval_ppl})
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == steps_total:
@@ -183,7 +186,10 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     export_dir = export_model(model, cfg.model, out / "export", d) if cfg.export else None
     if cfg.plot and d.is_main and (out / "metrics.jsonl").exists():
         plot_curves(out / "metrics.jsonl", out / "curves.png")
-    return {"step": state.step, "output": str(out), "checkpoint": str(last_saved) if last_saved else None,
+    written = [p for folder in (last_saved, export_dir) if folder for p in Path(folder).rglob("*") if p.is_file()]
+    return {"step": state.step, "steps_run": steps_run, "blocks": steps_run * cfg.global_batch, "tokens": tokens_run,
+            "seconds": time.perf_counter() - started, "bytes_written": sum(p.stat().st_size for p in written),
+            "output": str(out), "checkpoint": str(last_saved) if last_saved else None,
             "export": str(export_dir) if export_dir else None, "eval_ppl": eval_ppl}
 
 
@@ -206,8 +212,9 @@ def _forward(model: FusionLM, batch, weights: torch.Tensor):
 
 
 @torch.no_grad()
-def evaluate(model: FusionLM, data: TrainData, cfg: TrainConfig, d: Dist, weights: torch.Tensor) -> float:
-    """Mean next-token CE over the held-out blocks (perplexity = exp of it), not the fusion loss.
+def evaluate(model: FusionLM, data: TrainData, cfg: TrainConfig, d: Dist, weights: torch.Tensor) -> tuple[float, int]:
+    """(mean next-token CE, target tokens) over the held-out blocks (perplexity = exp of the
+    mean), not the fusion loss.
 
     Every rank runs the same number of forwards (FSDP's collectives need it): a rank whose
     share has run out repeats a block and counts nothing from it.
@@ -229,7 +236,7 @@ def evaluate(model: FusionLM, data: TrainData, cfg: TrainConfig, d: Dist, weight
     if d.world > 1:
         dist.all_reduce(totals)
     model.train()
-    return float(totals[0] / totals[1].clamp_min(1.0))
+    return float(totals[0] / totals[1].clamp_min(1.0)), int(totals[1])
 
 
 def export_model(model: FusionLM, source: str, target: Path, d: Dist) -> Path:
@@ -279,8 +286,9 @@ def evaluate_model(model_path: str, data_path: str, *, seq_len: int = 0, micro_b
                             attn_implementation=attn_implementation, attention=attention, param_dtype=param_dtype,
                             activation_checkpointing=False)
         t0 = time.perf_counter()
-        loss = evaluate(model, data, cfg, d, torch.zeros(1, device=d.device))
-        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "blocks": len(data.eval_range), "seconds": time.perf_counter() - t0}
+        loss, tokens = evaluate(model, data, cfg, d, torch.zeros(1, device=d.device))
+        return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "blocks": len(data.eval_range), "tokens": tokens,
+                "seconds": time.perf_counter() - t0}
     finally:
         close_distributed(d)
 
