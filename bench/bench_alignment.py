@@ -180,14 +180,21 @@ def trained_sides(text: str, vocab_size: int) -> tuple[Side, Side]:
 
 
 def documents(source: Side, target: Side, text: str, cfg: Config) -> list[tuple[list[str], list[str]]]:
-    """Pairs of tokenizations of consecutive text chunks, each side truncated to cfg.tokens."""
+    """Pairs of tokenizations of the *same* text, the longer one about cfg.tokens tokens long
+    (as the original's stage 1 splits texts so that every tokenizer stays under its limit)."""
     docs = []
     chunk = 8 * cfg.tokens
-    for start in range(0, len(text), chunk):
+    for start in range(0, len(text) - chunk, chunk):
         piece = text[start : start + chunk]
-        s, t = source.tokenize(piece), target.tokenize(piece)
-        if len(s) >= cfg.tokens and len(t) >= cfg.tokens:
-            docs.append((s[: cfg.tokens], t[: cfg.tokens]))
+        ends = []
+        for side in (source, target):
+            offsets = side.tokenizer.encode(piece, add_special_tokens=False).offsets
+            if len(offsets) >= cfg.tokens:
+                ends.append(offsets[cfg.tokens - 1][1])
+        if len(ends) < 2:
+            continue
+        piece = piece[: min(ends)]
+        docs.append((source.tokenize(piece)[: cfg.tokens], target.tokenize(piece)[: cfg.tokens]))
         if len(docs) == cfg.documents:
             break
     if not docs:

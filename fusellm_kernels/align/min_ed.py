@@ -98,25 +98,38 @@ class _Problem:
         self.unique_costs = cdist(
             source_unique.tolist(), target_unique.tolist(), scorer=Levenshtein.distance, dtype=np.int64, workers=1
         )
-        self._by_position: np.ndarray | None = None
 
     def costs(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        return self.unique_costs[self.source_index[rows], self.target_index[cols]]
+        """cost(rows[k], cols[k]) for every k, as one flat gather."""
+        width = self.unique_costs.shape[1]
+        return self.unique_costs.ravel().take(self.source_index[rows] * width + self.target_index[cols])
 
     def row_minima(self, band: "_Band") -> tuple[np.ndarray, np.ndarray]:
-        """Per row r: the cheapest cost right of the band (q > hi_r) and left of it (q < lo_r)."""
-        if self._by_position is None:
-            self._by_position = self.unique_costs[:, self.target_index]  # [distinct source, M]
-        by_position = self._by_position
-        m = by_position.shape[1]
-        big = np.full((by_position.shape[0], 1), _INF, dtype=np.int64)
-        suffix = np.minimum.accumulate(by_position[:, ::-1], axis=1)[:, ::-1]
-        suffix = np.concatenate([suffix, big], axis=1)  # column m: nothing right of the matrix
-        prefix = np.concatenate([big, np.minimum.accumulate(by_position, axis=1)], axis=1)  # shifted by one
+        """Per row r: the cheapest cost right of the band (q > hi_r) and left of it (q < lo_r),
+        _INF where there is no such column.
+
+        The distinct target strings occurring right of hi_r are those whose last occurrence
+        is beyond it: with the distinct strings sorted by last occurrence (descending), they
+        are a prefix, and the minimum over it a running minimum of the cost table's columns.
+        Likewise left of lo_r with first occurrences. [U, V] work, not [U, M].
+        """
+        m = len(self.target)
+        positions = np.arange(m)
+        n_targets = self.unique_costs.shape[1]
+        last = np.full(n_targets, -1, dtype=np.int64)
+        np.maximum.at(last, self.target_index, positions)
+        first = np.full(n_targets, m, dtype=np.int64)
+        np.minimum.at(first, self.target_index, positions)
+        big = np.full((self.unique_costs.shape[0], 1), _INF, dtype=np.int64)
+
+        by_last = np.argsort(-last, kind="stable")
+        right_table = np.concatenate([big, np.minimum.accumulate(self.unique_costs[:, by_last], axis=1)], axis=1)
+        right_count = np.searchsorted(-last[by_last], -band.hi, side="left")  # strings with last > hi_r
+        by_first = np.argsort(first, kind="stable")
+        left_table = np.concatenate([big, np.minimum.accumulate(self.unique_costs[:, by_first], axis=1)], axis=1)
+        left_count = np.searchsorted(first[by_first], band.lo, side="left")  # strings with first < lo_r
         rows = self.source_index
-        right = suffix[rows, np.minimum(band.hi + 1, m)]
-        left = prefix[rows, band.lo]  # prefix[:, q] = min over columns < q
-        return right, left
+        return right_table[rows, right_count], left_table[rows, left_count]
 
     def guess_path(self) -> np.ndarray:
         """For each source position, a target position its characters are matched to."""
@@ -161,10 +174,14 @@ class _Band:
     @classmethod
     def around(cls, path: np.ndarray, m: int, half_width: int) -> "_Band":
         hi = np.minimum(path + half_width, m - 1)
-        hi[-1] = m - 1
         lo = np.maximum(path - half_width, 0)
+        # Where one side has text the other lacks (a document truncated at a token count,
+        # a BOS token) the path runs along the first or last rows; let those rows span to
+        # the matrix's edge.
+        ends = max(1, half_width // 8)
+        hi[-ends:] = m - 1
+        lo[:ends] = 0
         lo[1:] = np.minimum(lo[1:], hi[:-1] + 1)
-        lo[0] = 0
         return cls(lo, hi)
 
 
@@ -227,8 +244,8 @@ def _solve(problem: _Problem, band: _Band) -> list[list[int]] | None:
         if h < _INF and h < best[0]:  # the first cell's left neighbour lies below the band
             best[0] = h
         best -= exclusive[coff : coff + cw]
-        np.minimum.accumulate(best, out=best)
-        np.add(best, inclusive[coff : coff + cw], out=enc[coff : coff + cw])
+        # Not in place: an accumulate whose output aliases its input takes numpy's slow path.
+        np.add(np.minimum.accumulate(best), inclusive[coff : coff + cw], out=enc[coff : coff + cw])
         if chi < m - 1:
             best_pred = read[coff + cw - 1]
             if phi == chi:
