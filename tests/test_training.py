@@ -326,3 +326,15 @@ def test_presets_and_command_line():
     assert TrainConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ConfigError, match="--preset"):
         preset("nope")
+
+
+def test_bench_train_step_quick(tmp_path):
+    """The step-time benchmark's CPU mode writes one record per provider with the overhead."""
+    from bench.bench_train_step import main
+    from bench.common import read_jsonl
+
+    assert main(["--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    records = read_jsonl(tmp_path / "train_step.jsonl")
+    assert [r.provider for r in records] == ["fusion", "clm"]
+    assert all(r.median_ms > 0 and r.flops > 0 for r in records)
+    assert "overhead_pct" in records[0].extra and records[0].extra["timed_steps"] == 3

@@ -3,8 +3,11 @@
 One record per optimiser step: loss and its parts (ce, fusion: each summed over the step's
 rows and divided by the same global target-token count, so loss = λ·ce + (1 − λ)·fusion),
 wins per candidate (rows where it held the largest weight), grad_norm (before clipping), lr,
-tokens (real target tokens of the step, all ranks), tokens_per_s, mfu (CUDA cards with a
-known peak), peak_mem_gib, step_s. Evaluation records carry eval_ppl and eval_loss instead.
+tokens (real target tokens of the step, all ranks), tokens_per_s, model_flops (training FLOPs
+of those tokens: 6 × matmul parameters + attention, per token), mfu (model_flops per second
+over the card's dense bf16 peak, CUDA cards with a known peak), peak_mem_gib, step_s (data +
+forward + backward + optimiser, ending in the step's one host sync), data_s (of which host
+time building batches: reading the stores, launching the teacher gather), epoch. Evaluation records carry eval_ppl and eval_loss instead.
 """
 from __future__ import annotations
 
@@ -40,10 +43,11 @@ class MetricsLog:
             print(f"step {record['step']:>6}  eval loss {record['eval_loss']:.4f}  ppl {record['eval_ppl']:.3f}", file=sys.stderr)
         elif record["step"] % self.every == 0:
             wins = " ".join(f"{k}={v}" for k, v in record.get("wins", {}).items())
+            wins = f"  wins {wins}" if wins else ""
             mfu = f"  mfu {record['mfu']:.1%}" if record.get("mfu") is not None else ""
             print(f"step {record['step']:>6}  loss {record['loss']:.4f} (ce {record['ce']:.4f} fusion {record['fusion']:.4f})"
                   f"  |g| {record['grad_norm']:.3f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s{mfu}"
-                  f"  mem {record['peak_mem_gib']:.2f} GiB  wins {wins}", file=sys.stderr)
+                  f"  mem {record['peak_mem_gib']:.2f} GiB{wins}", file=sys.stderr)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -40,8 +40,9 @@ def _store(root: Path, docs: list[torch.Tensor], vocab: int, k: int, g: torch.Ge
     lengths = torch.tensor([len(d) for d in docs])
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
     t = int(offsets[-1])
-    scores = torch.rand(t, vocab, generator=g)
-    topk_ids = scores.topk(k, dim=1).indices.int()  # distinct ids per row
+    # distinct ids per row without a [T, V] draw: a random start plus k steps that sum below V
+    steps = torch.randint(1, max(2, vocab // k), (t, k), generator=g)
+    topk_ids = ((torch.randint(0, vocab, (t, 1), generator=g) + steps.cumsum(1)) % vocab).int()
     topk_logits = (torch.randn(t, k, generator=g) * 3).sort(dim=1, descending=True).values
     nll = torch.rand(t, generator=g) * 4 + 0.5
     nll[offsets[1:] - 1] = 0.0  # a document's last row predicts nothing
@@ -90,46 +91,50 @@ def write_synthetic_run(root: str | Path, spec: SyntheticSpec = SyntheticSpec())
 def _write_blocks(out: Path, spec: SyntheticSpec, docs: list[torch.Tensor], source_lengths: list[list[int]],
                   nll: list[list[torch.Tensor]], doc_ce: torch.Tensor, candidates: list[dict], g: torch.Generator) -> Path:
     s_count, length = len(candidates), spec.block_len
-    rows: list[tuple[int, int]] = [(d, t) for d, doc in enumerate(docs) for t in range(len(doc))]  # (document, row)
-    n_blocks = -(-len(rows) // length)
-    shape = (n_blocks, length)
-    input_ids = torch.zeros(shape, dtype=torch.int32)
-    labels = torch.full(shape, -100, dtype=torch.int32)
-    doc_index = torch.full(shape, -1, dtype=torch.int32)
-    source_pos = torch.full((s_count, *shape), -1, dtype=torch.int32)
-    fallback = torch.full((s_count, *shape), -1, dtype=torch.int32)
-    dce = torch.zeros((s_count, *shape))
-    tce = torch.full((s_count, *shape), float("nan"))
-    offsets, doc_ids, first_rows = [0], [], []
-    for b in range(n_blocks):
-        pieces: list[int] = []
-        for r, (d, t) in enumerate(rows[b * length:(b + 1) * length]):
-            if not pieces or pieces[-1] != d:
-                pieces.append(d)
-                doc_ids.append(d)
-                first_rows.append(t)
-            input_ids[b, r] = docs[d][t]
-            if t + 1 < len(docs[d]):
-                labels[b, r] = docs[d][t + 1]
-            doc_index[b, r] = len(pieces) - 1
-            source_pos[0, b, r] = t
-            dce[:, b, r] = doc_ce[:, d]
-            tce[0, b, r] = nll[0][d][t]
-            for s in range(1, s_count):
-                n_src = source_lengths[s - 1][d]
-                j = min(n_src - 1, round(t * (n_src - 1) / max(len(docs[d]) - 1, 1)))
-                if float(torch.rand(1, generator=g)) < 0.15:  # unaligned row: one-hot on the next token
-                    fallback[s, b, r] = labels[b, r] if labels[b, r] >= 0 else -1
-                else:
-                    source_pos[s, b, r] = j
-                    tce[s, b, r] = nll[s][d][j]
-        offsets.append(len(doc_ids))
-    real = (doc_index >= 0).float()
+    lengths = torch.tensor([len(x) for x in docs])
+    doc = torch.repeat_interleave(torch.arange(len(docs)), lengths)            # each row's document
+    t = torch.cat([torch.arange(n) for n in lengths.tolist()])                 # and its row in the document
+    n_rows = int(lengths.sum())
+    n_blocks = -(-n_rows // length)
+    pad = n_blocks * length - n_rows
+    tokens = torch.cat(docs)
+    nexts = torch.cat([torch.cat([x[1:], torch.tensor([-100])]) for x in docs])  # −100 at a document's last row
+
+    def blockify(x: torch.Tensor, fill: float) -> torch.Tensor:
+        return torch.cat([x, torch.full((pad,), fill, dtype=x.dtype)]).reshape(n_blocks, length)
+
+    doc_b = blockify(doc, -1)
+    starts = torch.ones_like(doc_b, dtype=torch.bool)
+    starts[:, 1:] = doc_b[:, 1:] != doc_b[:, :-1]
+    piece = torch.cumsum(starts.int(), dim=1) - 1                               # piece index within the block
+    real = doc_b >= 0
+    doc_index = torch.where(real, piece, -1).int()
+    first = starts & real
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), first.sum(1).cumsum(0)])
+    doc_ids = doc_b[first].long()
+    first_rows = blockify(t, -1)[first].int()
+
+    source_pos = torch.full((s_count, n_blocks, length), -1, dtype=torch.int32)
+    fallback = torch.full((s_count, n_blocks, length), -1, dtype=torch.int32)
+    tce = torch.full((s_count, n_blocks, length), float("nan"))
+    labels = blockify(nexts, -100).int()
+    source_pos[0] = blockify(t, -1).int()
+    tce[0] = blockify(torch.cat(nll[0]), float("nan"))
+    for s in range(1, s_count):
+        n_src = torch.tensor(source_lengths[s - 1])[doc]
+        j = torch.minimum(n_src - 1, torch.round(t * (n_src - 1) / (lengths[doc] - 1).clamp_min(1)).long())
+        unaligned = torch.rand(n_rows, generator=g) < 0.15                     # these take the one-hot on the next token
+        src_offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.tensor(source_lengths[s - 1]).cumsum(0)])
+        src_nll = torch.cat(nll[s])[src_offsets[doc] + j]
+        source_pos[s] = blockify(torch.where(unaligned, -1, j), -1).int()
+        fallback[s] = blockify(torch.where(unaligned, nexts.clamp_min(-1), -1), -1).int()
+        tce[s] = blockify(torch.where(unaligned, float("nan"), src_nll), float("nan"))
+    dce = torch.stack([blockify(doc_ce[s][doc], 0.0) for s in range(s_count)])
     block_ce = (dce * real).sum(-1) / real.sum(-1).clamp_min(1)
     shard = BlockShard(
-        input_ids=input_ids, labels=labels, doc_index=doc_index, block_doc_offsets=torch.tensor(offsets),
-        doc_ids=torch.tensor(doc_ids, dtype=torch.int64), doc_first_row=torch.tensor(first_rows, dtype=torch.int32),
-        source_pos=source_pos, fallback_id=fallback, doc_ce=dce, token_ce=tce, block_ce=block_ce,
+        input_ids=blockify(tokens, 0).int(), labels=labels, doc_index=doc_index, block_doc_offsets=offsets,
+        doc_ids=doc_ids, doc_first_row=first_rows, source_pos=source_pos, fallback_id=fallback, doc_ce=dce,
+        token_ce=tce, block_ce=block_ce,
     )
     (out / "shards").mkdir(parents=True, exist_ok=True)
     sha, size = write_block_shard(out / "shards/blocks-00000.safetensors", shard)

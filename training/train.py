@@ -142,8 +142,11 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
             dist.all_reduce(n_tokens)
         sums = torch.zeros(3 + len(data.names), device=d.device)  # loss, ce, fusion, wins per candidate
         model.train()
+        data_s = 0.0
         for indices in micro:
+            t_data = time.perf_counter()
             batch = make_batch(data, indices, fusion=fusion, weighting=cfg.weighting, top_k=cfg.top_k, device=d.device)
+            data_s += time.perf_counter() - t_data
             loss_sum, parts = _forward(model, batch, weights)
             (loss_sum / n_tokens.clamp_min(1.0)).backward()
             wins = parts.wins.float() if fusion else torch.zeros(len(data.names), device=d.device)
@@ -167,7 +170,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         tokens = float(n_tokens)
         tokens_run, steps_run = tokens_run + int(tokens), steps_run + 1
         record = {"step": step, "loss": values[0], "ce": values[1], "fusion": values[2], "grad_norm": values[3],
-                  "lr": scheduler.get_last_lr()[0], "tokens": int(tokens), "step_s": dt, "tokens_per_s": tokens / dt,
+                  "lr": scheduler.get_last_lr()[0], "tokens": int(tokens), "step_s": dt, "data_s": data_s, "tokens_per_s": tokens / dt,
+                  "model_flops": flops_per_token * tokens,
                   "mfu": None if peak is None else flops_per_token * tokens / dt / (peak * d.world),
                   "peak_mem_gib": peak_memory_gib(d.device), "epoch": sampler.epoch}
         if fusion:
