@@ -75,7 +75,10 @@ main 2>&1 | tee "$LOG"
 status=${PIPESTATUS[0]}
 
 if [ -n "${OUT:-}" ]; then
+    # The device tool returns at most 8 files: the log, plus every result of this run in one
+    # archive (unpack it into bench/results/<gpu>/ and commit it).
     mkdir -p "$OUT"
-    cp "$RES"/*.jsonl "$RES"/*.png "$LOG" "$OUT"/ 2>/dev/null
+    cp "$LOG" "$OUT"/
+    (cd "$RES" && tar czf "$OUT/results.tar.gz" --ignore-failed-read ./*.jsonl ./*.png 2>/dev/null)
 fi
 exit "$status"
