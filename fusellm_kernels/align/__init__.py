@@ -1,5 +1,18 @@
 """Alignment between tokenizers (pure CPU, no Triton): tokenizer conventions, exact MinED
-token alignment, vocabulary maps and per-document position maps."""
+token alignment, vocabulary maps and per-document position maps.
+
+    src, tgt = detect_conventions(source_tokenizer), detect_conventions(target_tokenizer)
+    vmap = vocab_map(source_tokenizer.get_vocab(), target_tokenizer.get_vocab(),
+                     source_marker=src.marker, target_marker=tgt.marker, kind="soft",
+                     source_logits_size=source_model.config.vocab_size)       # once per source
+    lookup = soft_lookup(vmap, source_tokenizer.get_vocab(), target_tokenizer.get_vocab(),
+                         source_marker=src.marker, target_marker=tgt.marker)
+    pm = position_map(source_tokens, target_tokens, target_ids,                  # per document
+                      source_marker=src.strip, target_marker=tgt.strip,
+                      vocab_align="soft", soft_lookup=lookup)
+
+`fusellm_kernels.reference.alignment` holds the plain-Python originals these reproduce.
+"""
 from fusellm_kernels.align.conventions import (
     ConventionError,
     TokenizerConventions,
