@@ -8,8 +8,11 @@ token alignment, vocabulary maps and per-document position maps.
     lookup = soft_lookup(vmap, source_tokenizer.get_vocab(), target_tokenizer.get_vocab(),
                          source_marker=src.marker, target_marker=tgt.marker)
     pm = position_map(source_tokens, target_tokens, target_ids,                  # per document
-                      source_marker=src.strip, target_marker=tgt.strip,
+                      source_marker=src.marker, target_marker=tgt.marker,
                       vocab_align="soft", soft_lookup=lookup)
+
+A WordPiece side has no word-start marker (its `continuation` prefix marks the opposite);
+align it with `normalization="text"` and both conventions, which compares decoded text.
 
 `fusellm_kernels.reference.alignment` holds the plain-Python originals these reproduce.
 """
