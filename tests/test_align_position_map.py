@@ -110,6 +110,21 @@ def test_text_normalisation_aligns_across_byte_conventions():
             assert token_text(source_tokens[j], sc) == token_text(target_tokens[i], tc)
 
 
+def test_wordpiece_source_through_text_normalisation():
+    toks = trained_tokenizers()
+    source_tok, target_tok = toks["wordpiece"], toks["metaspace"]
+    sc, tc = detect_conventions(source_tok), detect_conventions(target_tok)
+    doc = "knowledge fusion of large language models aligns their tokens first"
+    source_tokens, target_tokens = source_tok.tokenize(doc), target_tok.tokenize(doc)
+    pm = position_map(source_tokens, target_tokens, target_tok.convert_tokens_to_ids(target_tokens),
+                      source_marker=sc.marker, target_marker=tc.marker, normalization="text",
+                      source_conventions=sc, target_conventions=tc)
+    assert pm.aligned_fraction > 0.5
+    for i, j in enumerate(pm.source_pos.tolist()):
+        if j >= 0:
+            assert token_text(source_tokens[j], sc) == token_text(target_tokens[i], tc)
+
+
 def test_empty_documents():
     empty = position_map([], [], [], source_marker="Ġ", target_marker="▁")
     assert len(empty) == 0 and empty.aligned_fraction == 1.0
