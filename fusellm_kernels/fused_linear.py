@@ -18,7 +18,7 @@ whole V×H gradient for every small token chunk; here the chunk is as large as t
 allows, so that traffic happens ⌈N / C⌉ times, and the first chunk writes instead of adding.
 Peak extra memory: one chunk of logits (C·V elements) plus the fp32 weight-gradient
 accumulator (which is the weight gradient itself; it is cast to the weight's dtype at the
-end) and O(N·S) floats.
+end), updated in place by cuBLAS (or in ≤ 256 MiB vocabulary slices), and O(N·S) floats.
 
 `reduction="none"` cannot fold its per-row upstream gradient before the backward, so its
 forward computes only the loss and its backward recomputes the chunks (2·N·H·V FLOPs more).
@@ -99,8 +99,9 @@ def _run_chunks(
         if grad_hidden is not None:
             torch.mm(g, weight, out=grad_hidden[r])
         if need[1]:
-            part = _mm_fp32(g.T, h)
-            grad_weight = part if grad_weight is None else grad_weight.add_(part)
+            if grad_weight is None:
+                grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+            _accumulate_weight_grad(grad_weight, g, h, first=r0 == 0)
         if grad_bias is not None:
             grad_bias += g.sum(0, dtype=torch.float32)
     if need[1] and grad_weight is None:  # no rows at all
@@ -108,16 +109,35 @@ def _run_chunks(
     return rows, grad_hidden, grad_weight, grad_bias
 
 
-def _mm_fp32(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b with an fp32 result; on CUDA low-precision inputs go straight to an fp32 output."""
-    if a.dtype == torch.float32:
-        return a @ b
-    if a.is_cuda:
+_WGRAD_SLICE_BYTES = 256 << 20
+
+
+def _accumulate_weight_grad(grad_weight: Tensor, g: Tensor, h: Tensor, *, first: bool) -> None:
+    """grad_weight (fp32 [V, H]) = (or +=) g.T @ h, in place, with no [V, H] temporary.
+
+    fp32 inputs: one addmm into the accumulator. bf16/fp16 on CUDA: addmm with an fp32
+    output (cuBLAS accumulates in fp32 and adds into the accumulator in its epilogue). Where
+    that is unavailable, vocabulary slices whose low-precision product is at most 256 MiB
+    are added one by one.
+    """
+    beta = 0.0 if first else 1.0
+    if g.dtype == torch.float32:
+        torch.addmm(grad_weight, g.T, h, beta=beta, out=grad_weight)
+        return
+    if g.is_cuda:
         try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # older torch without mm(out_dtype=)
+            torch.addmm(grad_weight, g.T, h, beta=beta, out_dtype=torch.float32, out=grad_weight)
+            return
+        except (TypeError, RuntimeError):  # a torch without addmm(out_dtype=)
             pass
-    return (a @ b).float()
+    v, hdim = grad_weight.shape
+    step = max(1, _WGRAD_SLICE_BYTES // max(1, hdim * g.element_size()))
+    for v0 in range(0, v, step):
+        part = g[:, v0:v0 + step].T @ h
+        if first:
+            grad_weight[v0:v0 + step].copy_(part)
+        else:
+            grad_weight[v0:v0 + step].add_(part)
 
 
 def _scale_(grad: Tensor, upstream: Tensor) -> Tensor:

@@ -259,3 +259,15 @@ def test_cuda_bf16_without_host_sync():
     assert_close(loss.detach(), ref64.detach(), lp.detach(), what="loss")
     for a, b, c in zip(leaves, double, lowp):
         assert_close(a.grad, b.grad, c.grad, what="grad")
+
+
+def test_weight_gradient_slices_accumulate_like_one_product(monkeypatch):
+    """The low-precision weight gradient is added in vocabulary slices when no fp32-output
+    matmul is available; many small slices must give the one-slice result."""
+    import fusellm_kernels.fused_linear as fl
+
+    params, tensors = linear_case(n=10, v=300, h=16, seed=12, dtype=torch.bfloat16)
+    _, whole = grads_of(lambda h, w, b: fused_linear_fusion_loss(h, w, **tensors, bias=b, chunk_rows=4), params, torch.ones(()))
+    monkeypatch.setattr(fl, "_WGRAD_SLICE_BYTES", 16 * 2 * 7)  # 7 vocabulary rows per slice
+    _, sliced = grads_of(lambda h, w, b: fused_linear_fusion_loss(h, w, **tensors, bias=b, chunk_rows=4), params, torch.ones(()))
+    assert all(torch.equal(a, b) for a, b in zip(whole, sliced))
