@@ -50,6 +50,8 @@ class TrainConfig:
     divergence: str = _opt("soft_ce", f"one of {DIVERGENCES}")
     source_weights: tuple[float, ...] = _opt((), "fixed per-candidate weights for --strategy weights (one per candidate, target first)")
     top_k: int = _opt(0, "teacher slots per candidate kept in the batch (0: every stored slot)")
+    shuffle_window: int = _opt(4, "block shards shuffled together (and kept in memory): shard-local shuffling")
+    prefetch: bool = _opt(True, "build the next batch on a background thread while the current one trains")
     # --- schedule and optimiser (AdamW, linear warm-up then cosine decay)
     seq_len: int = _opt(2048, "rows per block; must equal the blocks' block_len")
     global_batch: int = _opt(128, "blocks (sequences) per optimiser step, over all ranks and accumulation steps")
@@ -97,7 +99,7 @@ class TrainConfig:
                               ("attn_implementation", ("sdpa", "eager", "flash_attention_2"))):
             if getattr(self, name) not in allowed:
                 raise bad(name, f"choose one of {tuple(allowed)}")
-        for name in ("seq_len", "global_batch", "micro_batch", "epochs", "log_every", "keep_checkpoints"):
+        for name in ("seq_len", "global_batch", "micro_batch", "epochs", "log_every", "keep_checkpoints", "shuffle_window"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
         for name in ("max_steps", "eval_every", "eval_batches", "checkpoint_every", "eval_holdout", "top_k"):
@@ -145,7 +147,7 @@ class TrainConfig:
 #: fields a resumed run must share with the stored config.json (the rest, e.g. logging, may change)
 RESUME_MUST_MATCH: tuple[str, ...] = (
     "model", "data", "mode", "strategy", "weighting", "lam", "temperature", "ce_temperature", "divergence",
-    "source_weights", "top_k", "seq_len", "global_batch", "epochs", "max_steps", "lr", "min_lr_ratio",
+    "source_weights", "top_k", "shuffle_window", "seq_len", "global_batch", "epochs", "max_steps", "lr", "min_lr_ratio",
     "warmup_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "seed", "attention", "eval_holdout",
 )
 

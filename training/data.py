@@ -5,11 +5,19 @@ stores, vocab maps, block length, vocabularies) before the first step and names 
 fault. `BlockSampler` decides which blocks form each optimiser step; its state is the global
 (epoch, step) pair, so it does not depend on the number of ranks: the same global batch is
 split differently over 1 or 8 ranks, and the gradient, normalised by the global token count,
-is the same. `make_batch` turns a rank's share of blocks into a `TrainBatch` on the device
-(teacher tensors gathered there by `build_batch`).
+is the same. It shuffles with shard locality (shard order, then blocks within a window of
+shards), so that `BlockReader`, which keeps a few block shards in memory, reads each shard
+about once per epoch. `make_batch` turns a rank's share of blocks into a `TrainBatch` on the
+device (teacher tensors gathered there by `build_batch`); `Prefetcher` builds the next one
+on a background thread while the current one trains.
 """
 from __future__ import annotations
 
+import bisect
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +34,49 @@ class DataError(StoreError):
     """Training data that cannot be used as given; the message names the file."""
 
 
+class BlockReader:
+    """Blocks by global index, keeping the `cache_shards` most recently used block shards
+    (BlockStore itself keeps one; a window of shuffled shards needs several). Thread-safe:
+    the prefetch thread and the training thread both read blocks."""
+
+    def __init__(self, store: BlockStore, cache_shards: int) -> None:
+        self.store, self.cache_shards = store, max(1, cache_shards)
+        counts = [int(info.extra["blocks"]) for info in store.shards]
+        self.starts = [0]
+        for c in counts:
+            self.starts.append(self.starts[-1] + c)
+        self._cache: OrderedDict[int, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def shard_of(self, index: int) -> int:
+        return bisect.bisect_right(self.starts, index) - 1
+
+    def __getitem__(self, index: int) -> Block:
+        if not 0 <= index < len(self):
+            raise IndexError(f"block {index} of {len(self)} in {self.store.root}")
+        i = self.shard_of(index)
+        with self._lock:
+            shard = self._cache.get(i)
+            if shard is None:
+                shard = self.store.shard(i)  # verifies the shard's checksum as it loads it
+                self._cache[i] = shard
+                while len(self._cache) > self.cache_shards:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(i)
+        return shard.block(index - self.starts[i])
+
+
 @dataclass
 class TrainData:
-    blocks: BlockStore
+    blocks: BlockReader
     stores: list[TeacherStore]           # empty in CLM mode: CE needs no teachers
     vocab_maps: list[torch.Tensor | None]
     names: list[str]                     # candidate names, target first
     train_range: range                   # block indices used for training
-    eval_blocks: BlockStore | None
+    eval_blocks: BlockReader | None
     eval_range: range
 
 
@@ -50,7 +93,8 @@ def _load_vocab_map(path: Path, source_vocab: int, target_vocab: int) -> torch.T
     return m.int()
 
 
-def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, model_vocab: int, fusion: bool) -> TrainData:
+def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, model_vocab: int, fusion: bool,
+              cache_shards: int = 4) -> TrainData:
     """Open and cross-check the blocks, stores and vocab maps (no block is read yet)."""
     blocks = BlockStore(data)
     manifest = Path(data) / "manifest.json"
@@ -81,30 +125,35 @@ def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, mod
             raise DataError(f"{blocks.root / blocks.shards[0].file} holds {first.source_pos.shape[0]} candidates "
                             f"but {manifest} names {len(stores)}")
     n = len(blocks)
+    reader = BlockReader(blocks, cache_shards + 1)
     if eval_data:
-        eval_blocks: BlockStore | None = BlockStore(eval_data)
-        if eval_blocks.block_len != seq_len:
-            raise DataError(f"{Path(eval_data) / 'manifest.json'} has block_len {eval_blocks.block_len}, not --seq-len {seq_len}")
-        train_range, eval_range = range(n), range(len(eval_blocks))
+        eval_store = BlockStore(eval_data)
+        if eval_store.block_len != seq_len:
+            raise DataError(f"{Path(eval_data) / 'manifest.json'} has block_len {eval_store.block_len}, not --seq-len {seq_len}")
+        eval_blocks: BlockReader | None = BlockReader(eval_store, 1)  # read in order
+        train_range, eval_range = range(n), range(len(eval_store))
     else:
         if eval_holdout >= n:
             raise DataError(f"--eval-holdout {eval_holdout} leaves no training blocks: {manifest} holds {n}")
-        eval_blocks = blocks if eval_holdout else None
+        eval_blocks = reader if eval_holdout else None
         train_range, eval_range = range(n - eval_holdout), range(n - eval_holdout, n)
-    return TrainData(blocks, stores, maps, names, train_range, eval_blocks, eval_range)
+    return TrainData(reader, stores, maps, names, train_range, eval_blocks, eval_range)
 
 
 class BlockSampler:
     """Shuffled global batches of block indices, one permutation per epoch (seeded by seed + epoch).
 
-    Optimiser step s of an epoch takes positions [s·G, (s+1)·G) of the permutation
+    The permutation keeps shard locality: the shards are shuffled, then taken `window` at a
+    time, and the blocks of each window are shuffled among themselves (with one shard this
+    is a plain shuffle). Optimiser step s of an epoch takes positions [s·G, (s+1)·G) of it
     (G = global batch); an incomplete last batch is dropped, so every step has G blocks.
     Rank r of W takes the r-th contiguous 1/W of the global batch, and micro-step a of its
     share the a-th slice of `micro` blocks.
     """
 
-    def __init__(self, indices: range, global_batch: int, seed: int) -> None:
+    def __init__(self, indices: range, global_batch: int, seed: int, shard_starts: list[int] | None = None, window: int = 4) -> None:
         self.indices, self.global_batch, self.seed = indices, global_batch, seed
+        self.shard_starts, self.window = shard_starts or [0, indices.stop], window
         self.steps_per_epoch = len(indices) // global_batch
         self.epoch, self.step_in_epoch = 0, 0
         self._perm: list[int] | None = None
@@ -112,18 +161,34 @@ class BlockSampler:
     def _permutation(self) -> list[int]:
         if self._perm is None:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
-            self._perm = [self.indices[i] for i in torch.randperm(len(self.indices), generator=g).tolist()]
+            lo, hi = self.indices.start, self.indices.stop
+            shards = [range(max(a, lo), min(b, hi)) for a, b in zip(self.shard_starts, self.shard_starts[1:]) if min(b, hi) > max(a, lo)]
+            order = torch.randperm(len(shards), generator=g).tolist() if len(shards) > 1 else [0]
+            self._perm = []
+            for w in range(0, len(order), self.window):
+                pool = [i for k in order[w:w + self.window] for i in shards[k]]
+                self._perm += [pool[i] for i in torch.randperm(len(pool), generator=g).tolist()]
         return self._perm
+
+    def _check(self) -> None:
+        if self.steps_per_epoch == 0:
+            raise DataError(f"{len(self.indices)} training blocks cannot fill one global batch of {self.global_batch}; lower --global-batch")
 
     def next_global_batch(self) -> list[int]:
         """Block indices of the next optimiser step (all ranks), advancing the state."""
-        if self.steps_per_epoch == 0:
-            raise DataError(f"{len(self.indices)} training blocks cannot fill one global batch of {self.global_batch}; lower --global-batch")
+        self._check()
         if self.step_in_epoch == self.steps_per_epoch:
             self.epoch, self.step_in_epoch, self._perm = self.epoch + 1, 0, None
         s = self.step_in_epoch
         self.step_in_epoch += 1
         return self._permutation()[s * self.global_batch:(s + 1) * self.global_batch]
+
+    def peek(self) -> list[int]:
+        """What `next_global_batch` will return, without advancing (for prefetching)."""
+        state, perm = (self.epoch, self.step_in_epoch), self._perm
+        batch = self.next_global_batch()
+        (self.epoch, self.step_in_epoch), self._perm = state, perm
+        return batch
 
     @staticmethod
     def micro_batches(global_batch: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
@@ -133,10 +198,11 @@ class BlockSampler:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed,
-                "global_batch": self.global_batch, "num_blocks": len(self.indices)}
+                "global_batch": self.global_batch, "num_blocks": len(self.indices), "window": self.window}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, mine in (("seed", self.seed), ("global_batch", self.global_batch), ("num_blocks", len(self.indices))):
+        for key, mine in (("seed", self.seed), ("global_batch", self.global_batch), ("num_blocks", len(self.indices)),
+                          ("window", self.window)):
             if int(state[key]) != mine:
                 raise DataError(f"the checkpoint's sampler had {key}={state[key]} but this run has {mine}; "
                                 "resume with the same data, --seed and --global-batch")
@@ -144,7 +210,7 @@ class BlockSampler:
 
 
 def make_batch(data: TrainData, indices: list[int], *, fusion: bool, weighting: str, top_k: int,
-               device: torch.device, store: BlockStore | None = None) -> TrainBatch:
+               device: torch.device, store: BlockReader | None = None) -> TrainBatch:
     """The `TrainBatch` of some blocks; in CLM mode (or for evaluation) with one empty teacher slot."""
     blocks: list[Block] = [(store or data.blocks)[i] for i in indices]
     if fusion:
@@ -159,3 +225,43 @@ def make_batch(data: TrainData, indices: list[int], *, fusion: bool, weighting: 
         teacher_ids=torch.full((1, n, 1), -1, dtype=torch.int32, device=device),
         teacher_logits=torch.zeros(1, n, 1, device=device), teacher_ce=torch.zeros(1, n, device=device),
     )
+
+
+class Prefetcher:
+    """Builds the next batch on one background thread while the current one trains.
+
+    `get(indices, upcoming)` returns the batch of `indices` (the prefetched one when it was
+    asked for, else built now) and starts building `upcoming`. Batches are the same either
+    way; on CUDA the teacher gather runs on the same stream as training, so its kernels are
+    ordered before the forward that reads them.
+    """
+
+    def __init__(self, build: Callable[[list[int]], TrainBatch], enabled: bool) -> None:
+        self.build, self.enabled = build, enabled
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fusellm-batches") if enabled else None
+        self._pending: tuple[list[int], Future[TrainBatch]] | None = None
+
+    def get(self, indices: list[int], upcoming: list[int] | None) -> TrainBatch:
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == indices:
+            batch = pending[1].result()
+        else:
+            if pending is not None:
+                pending[1].exception()  # wait (never two builds at once: the store readers are not shared safely)
+            batch = self.build(indices)
+        if upcoming and self._pool is not None:
+            self._pending = (upcoming, self._pool.submit(self.build, upcoming))
+        return batch
+
+    def __enter__(self) -> Prefetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending[1].exception()  # wait; a failed speculative build is not this run's error
+            self._pending = None
+        if self._pool is not None:
+            self._pool.shutdown()

@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from training.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, check_resume_compatible
-from training.data import BlockSampler, TrainData, make_batch, open_data
+from training.data import BlockSampler, Prefetcher, TrainData, make_batch, open_data
 from training.metrics import MetricsLog, peak_memory_gib, plot_curves
 from training.parallel import (
     Dist, FusionLM, build_model, close_distributed, full_state_dict, init_distributed, model_flops_per_token, peak_flops,
@@ -81,10 +81,10 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
 
     # 1. Data first: a missing or mismatched store fails here, before the model is loaded.
     data = open_data(cfg.data, cfg.eval_data, cfg.eval_holdout, seq_len=cfg.seq_len,
-                     model_vocab=int(model_config.vocab_size), fusion=fusion)
+                     model_vocab=int(model_config.vocab_size), fusion=fusion, cache_shards=cfg.shuffle_window)
     if fusion and cfg.strategy == "weights" and len(cfg.source_weights) != len(data.names):
         raise ConfigError(f"--source-weights has {len(cfg.source_weights)} values but the blocks have {len(data.names)} candidates {data.names}")
-    sampler = BlockSampler(data.train_range, cfg.global_batch, cfg.seed)
+    sampler = BlockSampler(data.train_range, cfg.global_batch, cfg.seed, data.blocks.starts, cfg.shuffle_window)
     steps_total = sampler.steps_per_epoch * cfg.epochs
     steps_total = min(steps_total, cfg.max_steps) if cfg.max_steps else steps_total
     if steps_total < 1:
@@ -128,62 +128,68 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
 
     # 4. The loop.
     progress = _progress(cfg.progress and d.is_main, state.step, steps_total)
+    prefetch = Prefetcher(lambda ix: make_batch(data, ix, fusion=fusion, weighting=cfg.weighting, top_k=cfg.top_k, device=d.device),
+                          enabled=cfg.prefetch)
     last_saved = resume_from
     started, tokens_run, steps_run = time.perf_counter(), 0, 0
-    while state.step < steps_total:
-        step = state.step + 1
-        t0 = time.perf_counter()
-        blocks = sampler.next_global_batch()
-        micro = BlockSampler.micro_batches(blocks, d.rank, d.world, cfg.micro_batch)
-        # the step's global target-token count, known before any forward: one all-reduce
-        mine = [i for m in micro for i in m]
-        n_tokens = torch.tensor(float(sum(int((data.blocks[i].labels >= 0).sum()) for i in mine)), device=d.device)
-        if d.world > 1:
-            dist.all_reduce(n_tokens)
-        sums = torch.zeros(3 + len(data.names), device=d.device)  # loss, ce, fusion, wins per candidate
-        model.train()
-        data_s = 0.0
-        for indices in micro:
-            t_data = time.perf_counter()
-            batch = make_batch(data, indices, fusion=fusion, weighting=cfg.weighting, top_k=cfg.top_k, device=d.device)
-            data_s += time.perf_counter() - t_data
-            loss_sum, parts = _forward(model, batch, weights)
-            (loss_sum / n_tokens.clamp_min(1.0)).backward()
-            wins = parts.wins.float() if fusion else torch.zeros(len(data.names), device=d.device)
-            sums += torch.cat([torch.stack([loss_sum.detach(), parts.ce, parts.fusion]).float(), wins])
-        if d.world > 1:
-            dist.all_reduce(sums)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        values = (sums[:3] / n_tokens.clamp_min(1.0)).tolist() + [float(grad_norm)]  # the step's one host sync
-        if not all(math.isfinite(v) for v in values):
-            raise TrainingError(
-                f"non-finite {'loss' if not all(math.isfinite(v) for v in values[:3]) else 'gradient norm'} at step {step} "
-                f"(blocks {sorted(blocks)} of {cfg.data}); nothing was applied, and the newest good checkpoint is "
-                f"{last_saved or 'none (no checkpoint was written yet)'}")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step = step
+    with prefetch:
+        while state.step < steps_total:
+            step = state.step + 1
+            t0 = time.perf_counter()
+            blocks = sampler.next_global_batch()
+            micro = BlockSampler.micro_batches(blocks, d.rank, d.world, cfg.micro_batch)
+            # the step's global target-token count, known before any forward: one all-reduce
+            mine = [i for m in micro for i in m]
+            n_tokens = torch.tensor(float(sum(int((data.blocks[i].labels >= 0).sum()) for i in mine)), device=d.device)
+            if d.world > 1:
+                dist.all_reduce(n_tokens)
+            sums = torch.zeros(3 + len(data.names), device=d.device)  # loss, ce, fusion, wins per candidate
+            model.train()
+            data_s = 0.0
+            for a, indices in enumerate(micro):
+                # the batch after this one: the next micro-batch, or the next step's first
+                upcoming = micro[a + 1] if a + 1 < len(micro) else (
+                    BlockSampler.micro_batches(sampler.peek(), d.rank, d.world, cfg.micro_batch)[0] if step < steps_total else None)
+                t_data = time.perf_counter()
+                batch = prefetch.get(indices, upcoming)
+                data_s += time.perf_counter() - t_data
+                loss_sum, parts = _forward(model, batch, weights)
+                (loss_sum / n_tokens.clamp_min(1.0)).backward()
+                wins = parts.wins.float() if fusion else torch.zeros(len(data.names), device=d.device)
+                sums += torch.cat([torch.stack([loss_sum.detach(), parts.ce, parts.fusion]).float(), wins])
+            if d.world > 1:
+                dist.all_reduce(sums)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            values = (sums[:3] / n_tokens.clamp_min(1.0)).tolist() + [float(grad_norm)]  # the step's one host sync
+            if not all(math.isfinite(v) for v in values):
+                raise TrainingError(
+                    f"non-finite {'loss' if not all(math.isfinite(v) for v in values[:3]) else 'gradient norm'} at step {step} "
+                    f"(blocks {sorted(blocks)} of {cfg.data}); nothing was applied, and the newest good checkpoint is "
+                    f"{last_saved or 'none (no checkpoint was written yet)'}")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step = step
 
-        dt = time.perf_counter() - t0
-        tokens = float(n_tokens)
-        tokens_run, steps_run = tokens_run + int(tokens), steps_run + 1
-        record = {"step": step, "loss": values[0], "ce": values[1], "fusion": values[2], "grad_norm": values[3],
-                  "lr": scheduler.get_last_lr()[0], "tokens": int(tokens), "step_s": dt, "data_s": data_s, "tokens_per_s": tokens / dt,
-                  "model_flops": flops_per_token * tokens,
-                  "mfu": None if peak is None else flops_per_token * tokens / dt / (peak * d.world),
-                  "peak_mem_gib": peak_memory_gib(d.device), "epoch": sampler.epoch}
-        if fusion:
-            record["wins"] = {name: int(w) for name, w in zip(data.names, sums[3:].tolist())}
-        log.write(record)
-        progress.update(1)
-        if data.eval_blocks is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps_total):
-            eval_loss, _ = evaluate(model, data, cfg, d, weights)
-            eval_ppl = math.exp(min(eval_loss, 700.0))
-            log.write({"step": step, "eval_loss": eval_loss, "eval_ppl": eval_ppl})
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == steps_total:
-            last_saved = save_checkpoint(ckpt_root, state, cfg.keep_checkpoints)
+            dt = time.perf_counter() - t0
+            tokens = float(n_tokens)
+            tokens_run, steps_run = tokens_run + int(tokens), steps_run + 1
+            record = {"step": step, "loss": values[0], "ce": values[1], "fusion": values[2], "grad_norm": values[3],
+                      "lr": scheduler.get_last_lr()[0], "tokens": int(tokens), "step_s": dt, "data_s": data_s, "tokens_per_s": tokens / dt,
+                      "model_flops": flops_per_token * tokens,
+                      "mfu": None if peak is None else flops_per_token * tokens / dt / (peak * d.world),
+                      "peak_mem_gib": peak_memory_gib(d.device), "epoch": sampler.epoch}
+            if fusion:
+                record["wins"] = {name: int(w) for name, w in zip(data.names, sums[3:].tolist())}
+            log.write(record)
+            progress.update(1)
+            if data.eval_blocks is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps_total):
+                eval_loss, _ = evaluate(model, data, cfg, d, weights)
+                eval_ppl = math.exp(min(eval_loss, 700.0))
+                log.write({"step": step, "eval_loss": eval_loss, "eval_ppl": eval_ppl})
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == steps_total:
+                last_saved = save_checkpoint(ckpt_root, state, cfg.keep_checkpoints)
     progress.close()
 
     # 5. Export and curves.
