@@ -218,6 +218,7 @@ def _solve(problem: _Problem, band: _Band) -> list[list[int]] | None:
     if hi_l[0] < m - 1:
         above[0] = (up_exit_cost[0] + read[width_l[0] - 1]) | 1
     ext = np.empty(m + 1, dtype=np.int64)
+    minimum, add, running_min = np.minimum, np.add, np.minimum.accumulate
     for i in range(1, n):
         plo, phi, poff = lo_l[i - 1], hi_l[i - 1], offset_l[i - 1]
         clo, chi, coff, cw = lo_l[i], hi_l[i], offset_l[i], width_l[i]
@@ -233,19 +234,22 @@ def _solve(problem: _Problem, band: _Band) -> list[list[int]] | None:
                 h = min(h, (low_exit_cost[k] + best_pred) | 1)
                 k += 1
             below[i] = h
-        # ext[k] = row i-1 at column clo - 1 + k, out-of-band columns at their bounds.
-        start = max(clo - 1, plo)
-        ext[start - clo + 1 : phi - clo + 2] = enc[poff + start - plo : poff + phi - plo + 1]
-        if chi > phi:
-            ext[phi - clo + 2 : cw + 1] = above[i - 1]
-        if clo - 1 < plo:
-            ext[0] = below[i - 1] if clo >= 1 else _INF
-        best = np.minimum(ext[1 : cw + 1], ext[:cw])
-        if h < _INF and h < best[0]:  # the first cell's left neighbour lies below the band
-            best[0] = h
+        # ext[k] = row i-1 at column clo - 1 + k, out-of-band columns at their bounds. ext[0]
+        # only meets the first cell, whose left neighbour (bound h) is folded in there.
+        if clo > plo:
+            head = read[poff + clo - 1 - plo]
+        else:
+            head = below[i - 1] if clo > 0 else _INF
+        ext[0] = min(head, h)
+        ext[1 : phi - clo + 2] = enc[poff + clo - plo : poff + phi - plo + 1]
+        if chi == phi + 1:
+            ext[cw] = above[i - 1]
+        elif chi > phi:
+            ext[max(phi - clo + 2, 1) : cw + 1] = above[i - 1]
+        best = minimum(ext[1 : cw + 1], ext[:cw])
         best -= exclusive[coff : coff + cw]
         # Not in place: an accumulate whose output aliases its input takes numpy's slow path.
-        np.add(np.minimum.accumulate(best), inclusive[coff : coff + cw], out=enc[coff : coff + cw])
+        add(running_min(best), inclusive[coff : coff + cw], out=enc[coff : coff + cw])
         if chi < m - 1:
             best_pred = read[coff + cw - 1]
             if phi == chi:
@@ -261,22 +265,36 @@ def _checked_backtrace(
     lo, hi, offset = band.lo.tolist(), band.hi.tolist(), band.offset.tolist()
     read = memoryview(enc)
     n = len(lo)
-
-    def value(i: int, j: int) -> int:
-        """Encoded value or bound of cell (i, j); _INF outside the matrix."""
-        if i < 0 or j < 0:
-            return _INF
-        if j > hi[i]:
-            return above[i]
-        if j < lo[i]:
-            return below[i]
-        return read[offset[i] + j - lo[i]]
-
     mappings: list[list[int]] = [[] for _ in range(m)]
     i, j = n - 1, m - 1
     while i > 0 or j > 0:
         mappings[j].append(i)
-        diag, up, left = value(i - 1, j - 1), value(i - 1, j), value(i, j - 1)
+        # The three neighbours' encoded values or bounds; _INF outside the matrix.
+        if i > 0:
+            plo, phi = lo[i - 1], hi[i - 1]
+            base = offset[i - 1] - plo
+            if j > phi:
+                up = above[i - 1]
+            elif j < plo:
+                up = below[i - 1]
+            else:
+                up = read[base + j]
+            if j == 0:
+                diag = _INF
+            elif j - 1 > phi:
+                diag = above[i - 1]
+            elif j - 1 < plo:
+                diag = below[i - 1]
+            else:
+                diag = read[base + j - 1]
+        else:
+            up = diag = _INF
+        if j == 0:
+            left = _INF
+        elif j - 1 < lo[i]:
+            left = below[i]
+        else:
+            left = read[offset[i] + j - 1 - lo[i]]
         dv, uv, lv = diag >> 1, up >> 1, left >> 1
         if dv <= uv and dv <= lv:
             chosen, i, j = diag, i - 1, j - 1
