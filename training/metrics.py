@@ -34,6 +34,13 @@ class MetricsLog:
     def __init__(self, path: Path, is_main: bool, every: int) -> None:
         self.path, self.is_main, self.every = path, is_main, every
 
+    def keep_until(self, step: int) -> None:
+        """Drop records after `step` (0: all): a resumed run logs the steps after its checkpoint again."""
+        if not self.is_main or not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path) if r["step"] <= step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
     def write(self, record: dict[str, Any]) -> None:
         if not self.is_main:
             return

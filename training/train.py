@@ -33,6 +33,7 @@ row see the whole block with positions 0..L−1, as the original's packed traini
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 import shutil
 import sys
@@ -114,9 +115,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.json")
-        if resume_from is None:
-            (out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
     log = MetricsLog(out / "metrics.jsonl", d.is_main, cfg.log_every)
+    log.keep_until(state.step)  # a fresh run starts a fresh log; a resumed one drops steps it will redo
     weights = torch.tensor(cfg.source_weights or [0.0], dtype=torch.float32, device=d.device)
     flops_per_token = model_flops_per_token(model.lm, cfg.seq_len)
     peak = peak_flops(d.device)
@@ -249,6 +249,11 @@ def evaluate(model: FusionLM, data: TrainData, cfg: TrainConfig, d: Dist, weight
     return float(totals[0] / totals[1].clamp_min(1.0)), int(totals[1])
 
 
+#: files of the source model directory copied into the export (tokenizer, generation settings)
+_EXPORT_EXTRAS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model",
+                  "generation_config.json", "chat_template*")
+
+
 def export_model(model: FusionLM, source: str, target: Path, d: Dist) -> Path:
     """Write the trained weights as a transformers folder (config, safetensors, tokenizer files
     of the source directory), in the source weights' dtype. Collective; rank 0 writes."""
@@ -271,7 +276,7 @@ def export_model(model: FusionLM, source: str, target: Path, d: Dist) -> Path:
         save_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         lm.config.save_pretrained(tmp)
         for p in src.iterdir():  # tokenizer and generation settings travel with the weights
-            if p.is_file() and p.suffix != ".safetensors" and p.name not in ("config.json", "model.safetensors.index.json"):
+            if p.is_file() and any(fnmatch.fnmatch(p.name, pattern) for pattern in _EXPORT_EXTRAS):
                 shutil.copy2(p, tmp / p.name)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
