@@ -416,3 +416,22 @@ def test_bfloat16_pass_on_cuda_matches_plain_pytorch(tiny_corpus, tiny_llama, tm
         scale = ref["top_v"].abs().max()
         torch.testing.assert_close(r.topk_logits, ref["top_v"], atol=float(scale) * 2**-6, rtol=0)
         torch.testing.assert_close(r.lse.double(), ref["lse"], atol=float(scale) * 2**-6, rtol=0)
+
+
+def test_plan_batches_budget_and_padding() -> None:
+    import random
+
+    from fusellm_kernels.pipeline.teacher_pass import plan_batches
+
+    rng = random.Random(0)
+    lengths = [int(min(2048, max(4, rng.lognormvariate(0, 0.8) * 2048 / 3))) for _ in range(2048)] + [0, 5000]
+    batches = plan_batches(lengths, 16384)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == [i for i, n in enumerate(lengths) if n > 0]  # every non-empty segment once
+    for b in batches:
+        assert all(lengths[i] <= lengths[b[0]] for i in b)
+        assert len(b) * lengths[b[0]] <= 16384 or len(b) == 1  # the 5000-token segment runs alone
+    real = sum(lengths)
+    padded = sum(len(b) * lengths[b[0]] for b in batches)
+    assert real / padded > 0.97
+    assert plan_batches(lengths, 16384) == batches  # deterministic
