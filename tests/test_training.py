@@ -361,3 +361,66 @@ def test_sampler_is_shard_local_resumable_and_world_size_free():
     one = BlockSampler.micro_batches(batches[0], 0, 1, 1)
     two = BlockSampler.micro_batches(batches[0], 0, 2, 1) + BlockSampler.micro_batches(batches[0], 1, 2, 1)
     assert one == two
+
+
+def test_fusion_step_equals_plain_fusion_loss(world):
+    """Step 1 of fusion training = `fusion_loss` on a plain model's logits for the same blocks,
+    summed and divided by the step's target tokens (the trainer's batching, segments and
+    normalisation add nothing)."""
+    from transformers import AutoModelForCausalLM
+
+    from fusellm_kernels import fusion_loss
+    from fusellm_kernels.pipeline.batches import build_batch
+    from training.data import BlockSampler, open_data
+
+    out = world["root"] / "fusion_plain"
+    train(_cfg(world, out, max_steps=1, attention="block", weighting="document", export=False, checkpoint_every=0))
+    got = _train_records(out)[0]
+
+    cfg = _cfg(world, out)
+    data = open_data(cfg.data, "", cfg.eval_holdout, seq_len=cfg.seq_len, model_vocab=100, fusion=True)
+    blocks = [data.blocks[i] for i in BlockSampler(data.train_range, cfg.global_batch, cfg.seed).next_global_batch()]
+    batch = build_batch(blocks, data.stores, data.vocab_maps, weighting="document")
+    model = AutoModelForCausalLM.from_pretrained(world["model"], attn_implementation="sdpa")
+    with torch.no_grad():
+        logits = model(batch.input_ids).logits.reshape(-1, 100)
+    loss, parts = fusion_loss(logits, batch.labels.reshape(-1), batch.teacher_ids, batch.teacher_logits,
+                              teacher_ce=batch.teacher_ce, segment_ids=batch.segment_ids, strategy="min_ce", lam=0.9,
+                              reduction="sum", return_parts=True)
+    n = int((batch.labels >= 0).sum())
+    assert got["tokens"] == n
+    assert math.isclose(got["loss"], float(loss) / n, rel_tol=1e-5)
+    assert math.isclose(got["fusion"], float(parts.fusion) / n, rel_tol=1e-5)
+    assert list(got["wins"].values()) == parts.wins.tolist()
+
+
+@pytest.mark.parametrize("options", [
+    dict(strategy="avg_ce", weighting="block"),
+    dict(strategy="softmin_ce", weighting="token", ce_temperature=0.5, divergence="kl"),
+    dict(strategy="weights", source_weights=(1.0, 0.5, 0.25)),
+    dict(activation_checkpointing=True, prefetch=False),
+], ids=["avg_ce-block", "softmin_ce-token-kl", "weights", "activation-checkpointing"])
+def test_other_strategies_and_options_run(world, single, options):
+    out = world["root"] / ("opt-" + "-".join(f"{k}" for k in options))
+    train(_cfg(world, out, max_steps=2 if "strategy" in options else 6, export=False, checkpoint_every=0, **options))
+    records = _train_records(out)
+    for r in records:
+        assert all(math.isfinite(r[k]) for k in ("loss", "ce", "fusion", "grad_norm"))
+        assert math.isclose(r["loss"], 0.9 * r["ce"] + 0.1 * r["fusion"], rel_tol=1e-5)
+    if "activation_checkpointing" in options:  # recomputation changes nothing
+        _close([r["loss"] for r in records], [r["loss"] for r in _train_records(single)], rtol=1e-6)
+
+
+def test_tied_embeddings_model_trains_and_exports(world, tmp_path):
+    """GPT-2 ties its head to the input embedding: the head stays in the root's FSDP unit and the
+    export leaves the tie to transformers."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=128, eos_token_id=0,
+                               bos_token_id=1)).save_pretrained(tmp_path / "gpt2")
+    train(_cfg(world, tmp_path / "run", model=str(tmp_path / "gpt2"), max_steps=2, checkpoint_every=0))
+    assert all(math.isfinite(r["loss"]) for r in _train_records(tmp_path / "run"))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export")
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    assert "lm_head.weight" not in _weights(tmp_path / "run" / "export")

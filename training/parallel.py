@@ -142,7 +142,10 @@ def build_model(path: str, d: Dist, *, loss_options: dict[str, Any], attn_implem
     lm.set_output_embeddings(FusionHead(head, **loss_options))
     tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
     if activation_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(lm, "activation_checkpointing_enable"):  # newer transformers' name
+            lm.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = FusionLM(lm, attention)
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
