@@ -29,7 +29,8 @@ stepping to the smallest of diagonal, up and left (the first on ties). Here:
    row r above the band, H(r) likewise below it.
 
 Costs are integers and all arithmetic is int64, so values equal the original's float64
-values exactly and the back-trace sees the same ties.
+values exactly and the back-trace sees the same ties. Memory: about 48 bytes per band cell
+(2048 × 385 cells: 38 MB; a full 2048 × 2048 fallback: 200 MB) plus the U × V cost table.
 """
 from __future__ import annotations
 
@@ -77,14 +78,17 @@ def dtw_mappings(
         return [[] for _ in range(m)]
     problem = _Problem(source, target)
     half_width = max(1, initial_half_width)
+    path: np.ndarray | None = None
     while True:
         full = 2 * half_width + 1 >= m
-        band = _Band.full(n, m) if full else _Band.around(problem.guess_path(), m, half_width)
+        if not full and path is None:
+            path = problem.guess_path()
+        band = _Band.full(n, m) if full else _Band.around(path, m, half_width)
         mappings = _solve(problem, band)
         if mappings is not None:
             return mappings
-        if full:  # nothing lies outside a full band, so its proof cannot fail
-            raise AssertionError("full-matrix DTW failed its own check")
+        if full:  # nothing lies outside a full band, so its check cannot fail
+            raise RuntimeError("internal error: the full-matrix DTW failed its own exactness check")
         half_width *= 4
 
 
