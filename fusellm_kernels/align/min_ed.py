@@ -29,8 +29,8 @@ stepping to the smallest of diagonal, up and left (the first on ties). Here:
    row r above the band, H(r) likewise below it.
 
 Costs are integers and all arithmetic is int64, so values equal the original's float64
-values exactly and the back-trace sees the same ties. Memory: about 48 bytes per band cell
-(2048 × 385 cells: 38 MB; a full 2048 × 2048 fallback: 200 MB) plus the U × V cost table.
+values exactly and the back-trace sees the same ties. Memory: at most about 56 bytes per band cell
+(2048 × 385 cells: 44 MB; a full 2048 × 2048 fallback: 235 MB) plus the U × V cost table.
 """
 from __future__ import annotations
 
@@ -197,6 +197,7 @@ def _solve(problem: _Problem, band: _Band) -> list[list[int]] | None:
     rows = np.repeat(np.arange(n), width)
     cols = np.arange(total) - np.repeat(offset - lo, width)
     cost2 = 2 * problem.costs(rows, cols)  # encoded: value 2·c, tag unchanged
+    del rows, cols  # peak memory: cell-sized arrays only while they are needed
     inclusive = np.cumsum(cost2)
     inclusive -= np.repeat(inclusive[offset] - cost2[offset], width)  # per-row prefix sums
     exclusive = inclusive - cost2
