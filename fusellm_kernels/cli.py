@@ -230,7 +230,7 @@ register_stage(Stage(
 # --- train / eval ----------------------------------------------------------------------------
 
 
-def _training_package() -> None:
+def _training_package() -> bool:
     """`training/` sits beside `fusellm_kernels/` in the repository, outside the installed
     package; a `fusellm` installed in editable mode finds it through the checkout."""
     try:
@@ -238,19 +238,32 @@ def _training_package() -> None:
     except ModuleNotFoundError:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         if not os.path.exists(os.path.join(root, "training", "train.py")):
-            raise SystemExit("fusellm train/eval need the repository's training/ package: run from a checkout "
-                             "(pip install -e .) or `python -m training.train`") from None
+            return False
         sys.path.insert(0, root)
+    return True
+
+
+def _no_training(p: argparse.ArgumentParser) -> None:
+    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(_no_training=True)
+
+
+def _check_training(a: argparse.Namespace) -> None:
+    if getattr(a, "_no_training", False):
+        raise SystemExit("fusellm train/eval need the repository's training/ package: run from a checkout "
+                         "(pip install -e .) or `python -m training.train`")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    _training_package()
+    if not _training_package():
+        return _no_training(p)
     from training.config import add_arguments
 
     add_arguments(p, skip=("progress",))  # --no-progress is every stage's flag
 
 
 def _train_run(a: argparse.Namespace) -> RunSummary:
+    _check_training(a)
     from training.config import ConfigError, from_args
     from training.parallel import ModelError
     from training.train import TrainingError, train
@@ -267,7 +280,8 @@ def _train_run(a: argparse.Namespace) -> RunSummary:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    _training_package()
+    if not _training_package():
+        return _no_training(p)
     p.add_argument("--model", required=True, help="a transformers folder (e.g. a run's export/), read locally")
     p.add_argument("--data", required=True, help="held-out assembled blocks (`fusellm assemble`); only the tokens are used")
     p.add_argument("--micro-batch", type=int, default=1, help="blocks per rank per forward")
@@ -279,6 +293,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_run(a: argparse.Namespace) -> RunSummary:
+    _check_training(a)
     from training.config import ConfigError
     from training.parallel import ModelError
     from training.train import evaluate_model

@@ -145,7 +145,11 @@ def test_fsdp_two_ranks_match_one_process(single, two_ranks):
 
 def test_resume_reproduces_losses(world, single):
     out = _resume_from(single, 3, world["root"] / "resumed")
+    junk = out / "checkpoints" / ".tmp-step-00000006"  # a save that was killed half-way
+    junk.mkdir()
+    (junk / "partial").write_bytes(b"\0" * 10)
     train(_cfg(world, out))
+    assert not junk.exists()  # replaced by the resumed run's own save of step 6
     straight, resumed = _train_records(single), _train_records(out)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]  # steps 4-6 logged once, by the resumed run
     _close([r["loss"] for r in straight], [r["loss"] for r in resumed], rtol=1e-6)
@@ -305,6 +309,13 @@ def test_bad_inputs_are_named_before_training(world, tmp_path):
     (blocks / "manifest.json").unlink()
     with pytest.raises(StoreError, match="manifest.json is missing"):
         train(_cfg(world, tmp_path / "z", data=str(blocks)))
+    # blocks over documents a store does not hold: the blocks come from another corpus
+    other = write_synthetic_run(tmp_path / "data3", SyntheticSpec(num_docs=40))
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["candidates"][1]["store"] = str(data / "stores/source1")
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=r"blocks-00000.safetensors holds documents 0..39 .*source1"):
+        train(_cfg(world, tmp_path / "v", data=str(other)))
     write_synthetic_run(tmp_path / "data2", SyntheticSpec(num_docs=6))
     (tmp_path / "data2/maps/source1.pt").unlink()
     with pytest.raises(StoreError, match="source1.pt.*missing"):

@@ -120,6 +120,13 @@ def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, mod
                 raise DataError(f"{manifest}: candidate {i} ({names[i]}) has no vocab_map; every source needs one")
             maps.append(_load_vocab_map(Path(vm), num_ids, model_vocab) if vm else None)
             stores.append(store)
+            # a store from another corpus (or a partial one) rarely covers the blocks' document ids
+            lo = min((sh.first_doc_id for sh in store.shards), default=0)
+            hi = max((sh.last_doc_id for sh in store.shards), default=-1)
+            for sh in blocks.shards:
+                if sh.documents and (sh.first_doc_id < lo or sh.last_doc_id > hi):
+                    raise DataError(f"{blocks.root / sh.file} holds documents {sh.first_doc_id}..{sh.last_doc_id} but candidate "
+                                    f"{i}'s teacher store {store_path} holds ids {lo}..{hi}: is it the store these blocks were assembled from?")
         first = blocks.shard(0) if len(blocks.shards) else None
         if first is not None and first.source_pos.shape[0] != len(stores):
             raise DataError(f"{blocks.root / blocks.shards[0].file} holds {first.source_pos.shape[0]} candidates "
