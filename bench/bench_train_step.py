@@ -1,6 +1,7 @@
 """Training step time: fusion vs CLM-only, same model, same blocks, same steps, same card.
 
-    python -m bench.bench_train_step                          # GPU: 8-layer Llama (hidden 2048, V 32 000), seq 2048
+    python -m bench.bench_train_step                          # GPU: 8-layer Llama (hidden 2048, V 32 000), seq 2048, ~60 s
+    python -m bench.bench_train_step --layers 32 --steps 20   # closer to a 7B step's proportions
     python -m bench.bench_train_step --quick --device cpu --out /tmp/b   # CPU plumbing check, ~15 s
 
 Both providers run the real trainer (`training.train.train`) on one rank: FSDP2, bf16
@@ -22,7 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -61,7 +62,7 @@ class Setup:
 def setup_for(quick: bool, device: torch.device) -> Setup:
     if quick or device.type == "cpu":
         return Setup(64, 2, 4, 128, 1000, 128, 4, 2, 1, 3)
-    return Setup(2048, 8, 16, 5632, 32000, 2048, 8, 4, 3, 10)
+    return Setup(2048, 8, 16, 5632, 32000, 2048, 8, 4, 2, 8)
 
 
 def build_inputs(root: Path, s: Setup) -> tuple[Path, Path]:
@@ -99,9 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     p.add_argument("--quick", action="store_true", help="tiny model and few steps (a CPU check of the plumbing)")
     p.add_argument("--out", default=None, help="results directory (default: bench/results/<card>/)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 8 on GPU; a deeper model "
+                   "makes the head, and so the fusion loss, a smaller part of the step)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per provider (default: 8 on GPU)")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     s = setup_for(args.quick, device)
+    s = replace(s, layers=args.layers or s.layers, steps=args.steps or s.steps)
     env = environment(device)
     out_dir = Path(args.out) if args.out else results_dir(env.card)
     out_dir.mkdir(parents=True, exist_ok=True)
