@@ -112,9 +112,11 @@ class TrainConfig:
         for name in ("temperature", "ce_temperature", "lr"):
             if not getattr(self, name) > 0 or not math.isfinite(getattr(self, name)):
                 raise bad(name, "must be a positive number")
-        for name in ("warmup_ratio", "min_lr_ratio", "beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0 + (name == "min_lr_ratio"):
-                raise bad(name, "must lie in [0, 1)" if name != "min_lr_ratio" else "must lie in [0, 1]")
+        for name in ("warmup_ratio", "beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise bad(name, "must lie in [0, 1)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise bad("min_lr_ratio", "must lie in [0, 1]")
         for name in ("weight_decay", "grad_clip", "eps"):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
