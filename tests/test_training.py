@@ -408,13 +408,17 @@ def test_fusion_step_equals_plain_fusion_loss(world):
 @pytest.mark.parametrize("options", [
     dict(strategy="avg_ce", weighting="block"),
     dict(strategy="softmin_ce", weighting="token", ce_temperature=0.5, divergence="kl"),
-    dict(strategy="weights", source_weights=(1.0, 0.5, 0.25)),
+    dict(strategy="weights", source_weights=(1.0, 0.5, 0.25), eval_holdout=0, eval_every=1),  # + --eval-data
     dict(activation_checkpointing=True, prefetch=False),
 ], ids=["avg_ce-block", "softmin_ce-token-kl", "weights", "activation-checkpointing"])
 def test_other_strategies_and_options_run(world, single, options):
     out = world["root"] / ("opt-" + "-".join(f"{k}" for k in options))
-    train(_cfg(world, out, max_steps=2 if "strategy" in options else 6, export=False, checkpoint_every=0, **options))
+    if "eval_every" in options:
+        options = {**options, "eval_data": str(world["blocks"])}
+    train(_cfg(world, out, **{"max_steps": 2 if "strategy" in options else 6, "export": False, "checkpoint_every": 0, **options}))
     records = _train_records(out)
+    if "eval_every" in options:  # every step, over all 16 blocks of the separate evaluation directory
+        assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "eval_ppl" in r] == [1, 2]
     for r in records:
         assert all(math.isfinite(r[k]) for k in ("loss", "ce", "fusion", "grad_norm"))
         assert math.isclose(r["loss"], 0.9 * r["ce"] + 0.1 * r["fusion"], rel_tol=1e-5)
