@@ -204,7 +204,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
 
 
 def _lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warm-up from 0 over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
+    """Linear warm-up to the peak over `warmup` steps (step 0 already trains, at 1/warmup of it),
+    then cosine decay to `min_ratio` of the peak at `total`."""
     if step < warmup:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
