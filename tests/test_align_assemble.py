@@ -249,3 +249,29 @@ def test_reference_empty_rows_take_the_targets_distribution(stores, aligned):
     assert bool((plain.teacher_ids[1][aligned_rows] < 0).all())
     assert torch.equal(ref.teacher_ids[1][aligned_rows], ref.teacher_ids[0][aligned_rows])
     assert torch.equal(ref.teacher_ids[1][~aligned_rows], plain.teacher_ids[1][~aligned_rows])
+
+
+def test_documents_with_nonfinite_logits_are_left_out(stores, tmp_path, tiny_corpus, models_dir, tok_bytelevel):
+    """A source whose logits are NaN on some documents: those documents stay out of the blocks
+    and every score left is finite."""
+    from tests.fixtures_models import build_model
+
+    bad = tok_bytelevel.convert_tokens_to_ids("Ġfusion")
+    nan_model = build_model(models_dir / "nan-src", tok_bytelevel, nan_token=bad, seed=5)
+    with pytest.warns(RuntimeWarning):
+        run_teacher_pass(TeacherConfig(corpus=str(tiny_corpus), model=str(nan_model), output=str(tmp_path / "nan"),
+                                       progress=False, docs_per_shard=10, top_k=6))
+    run_align(AlignConfig(target=str(stores / "target"), source=str(tmp_path / "nan"), output=str(tmp_path / "al"), progress=False))
+    summary = run_assemble(AssembleConfig(target=str(stores / "target"), sources=(str(tmp_path / "al"),),
+                                          output=str(tmp_path / "bl"), block_len=48, progress=False))
+    bs = BlockStore(tmp_path / "bl")
+    excluded = set(bs.manifest["excluded_nonfinite_docs"])
+    assert excluded and summary.extra["excluded nonfinite docs"] == len(excluded)
+    kept = set()
+    for i in range(len(bs)):
+        blk = bs[i]
+        kept.update(blk.doc_ids.tolist())
+        assert bool(torch.isfinite(blk.block_ce).all())
+        labelled = blk.labels >= 0
+        assert bool(torch.isfinite(blk.doc_ce[:, labelled]).all())
+    assert not (kept & excluded)

@@ -17,8 +17,8 @@ so the weighting (per block, document or token) is chosen at training time:
               the piece's rows in the block (`reference`) or by the bytes its rows predict
               (`per_byte`).
 
-Pairing of target and source records is by document id and text hash, verified for every
-document; stores and alignments must come from the same prepared corpus (fingerprints).
+Documents flagged NONFINITE (NaN/inf logits) in any candidate's store are left out. Pairing
+of target and source records is by document id and text hash, verified for every document; stores and alignments must come from the same prepared corpus (fingerprints).
 Resumable by shard: the packing is planned from document lengths alone, so a restarted job
 rebuilds only the shards whose files are missing or damaged.
 """
@@ -47,7 +47,7 @@ from fusellm_kernels.store.manifest import (
     verify_file,
     write_json_atomic,
 )
-from fusellm_kernels.store.records import TeacherRecord
+from fusellm_kernels.store.records import DocFlag, TeacherRecord
 
 
 @dataclass(frozen=True)
@@ -213,11 +213,20 @@ def run_assemble(cfg: AssembleConfig) -> RunSummary:
     else:
         write_json_atomic(spath, settings)
 
+    # Documents whose logits held NaN/inf in any candidate's pass have no usable scores or
+    # teachers: they are left out of the blocks (counted in the summary and manifest).
+    nonfinite: set[int] = set()
+    for store in (target, *stores):
+        for i in range(len(store.shards)):
+            idx = store.shard_index(i)
+            nonfinite.update(idx.doc_ids[(idx.flags.long() & DocFlag.NONFINITE) != 0].tolist())
     doc_ids, lengths = [], []
     for i in range(len(target.shards)):
         idx = target.shard_index(i)
-        doc_ids += idx.doc_ids.tolist()
-        lengths += idx.lengths().tolist()
+        for d, n in zip(idx.doc_ids.tolist(), idx.lengths().tolist()):
+            if d not in nonfinite:
+                doc_ids.append(d)
+                lengths.append(n)
     for al in aligns:
         missing = set(doc_ids) - set(al.doc_ids())
         if missing:
@@ -255,11 +264,13 @@ def run_assemble(cfg: AssembleConfig) -> RunSummary:
                            "aligned_fraction": al.manifest["counts"]["aligned_fraction"]})
     manifest = write_blocks_manifest(out, infos, block_len=cfg.block_len, candidates=candidates, header={
         "corpus": target.manifest["corpus"], "score": cfg.score, "settings": settings, "settings_hash": settings_hash(settings),
+        "excluded_nonfinite_docs": sorted(nonfinite),
         "target_vocab_size": target.manifest["model"]["logits_size"],
     })
     total_bytes = sum(s.size_bytes for s in infos)
     return RunSummary(
         stage="assemble", documents=len(doc_ids), tokens=int(manifest["counts"]["tokens"]), bytes_written=total_bytes,
         seconds=time.perf_counter() - t0,
-        extra={"blocks": manifest["counts"]["blocks"], "aligned_fraction": {c["name"]: round(c["aligned_fraction"], 4) for c in candidates}},
+        extra={"blocks": manifest["counts"]["blocks"], "excluded nonfinite docs": len(nonfinite),
+               "aligned_fraction": {c["name"]: round(c["aligned_fraction"], 4) for c in candidates}},
     )
