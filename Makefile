@@ -17,3 +17,11 @@ venv: $(PY)
 
 test: venv
 	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+# The main job (README): the whole fusion pipeline on a built-in default, cached under
+# runs/fuse/<preset>; FUSE_ARGS passes options, e.g. FUSE_ARGS="--preset reference".
+FUSE_ARGS ?=
+.PHONY: fuse
+
+fuse: venv
+	$(PY) -m fusellm_kernels.cli fuse $(FUSE_ARGS)

@@ -136,9 +136,10 @@ def pretrain(model: torch.nn.Module, stream: torch.Tensor, spec: ModelSpec,
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == spec.steps:
-            curve.append({"step": step, "loss": float(loss)})
+            value = loss.item()
+            curve.append({"step": step, "loss": value})
             if step % max(10, spec.steps // 5 // 10 * 10) == 0 or step == spec.steps:
-                report(f"    step {step:>5}/{spec.steps}  loss {float(loss):.3f}  ({time.perf_counter() - t0:.0f} s)")
+                report(f"    step {step:>5}/{spec.steps}  loss {value:.3f}  ({time.perf_counter() - t0:.0f} s)")
     model.eval()
     return curve
 
