@@ -102,7 +102,9 @@ def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, mod
         raise DataError(f"{manifest} has block_len {blocks.block_len} but --seq-len is {seq_len}; set --seq-len {blocks.block_len}")
     stores: list[TeacherStore] = []
     maps: list[torch.Tensor | None] = []
-    names = [str(c.get("name", f"candidate{i}")) for i, c in enumerate(blocks.candidates)]
+    names = [str(c.get("name") or f"candidate{i}") for i, c in enumerate(blocks.candidates)]
+    short = [Path(n).name or n for n in names]  # assembled blocks name candidates by model path
+    names = short if len(set(short)) == len(short) else names
     if fusion:
         if not blocks.candidates:
             raise DataError(f"{manifest} names no candidates; fusion needs at least the target model's teacher store")
