@@ -245,9 +245,12 @@ class Prefetcher:
     ordered before the forward that reads them.
     """
 
-    def __init__(self, build: Callable[[list[int]], TrainBatch], enabled: bool) -> None:
+    def __init__(self, build: Callable[[list[int]], TrainBatch], enabled: bool, device: torch.device) -> None:
         self.build, self.enabled = build, enabled
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fusellm-batches") if enabled else None
+        # the current CUDA device is per thread: the builder's kernels (the teacher gather) must
+        # launch on this rank's device, not on device 0
+        init = (lambda: torch.cuda.set_device(device)) if device.type == "cuda" else None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="fusellm-batches", initializer=init) if enabled else None
         self._pending: tuple[list[int], Future[TrainBatch]] | None = None
 
     def get(self, indices: list[int], upcoming: list[int] | None) -> TrainBatch:

@@ -129,7 +129,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     # 4. The loop.
     progress = _progress(cfg.progress and d.is_main, state.step, steps_total)
     prefetch = Prefetcher(lambda ix: make_batch(data, ix, fusion=fusion, weighting=cfg.weighting, top_k=cfg.top_k, device=d.device),
-                          enabled=cfg.prefetch)
+                          enabled=cfg.prefetch, device=d.device)
     last_saved = resume_from
     started, tokens_run, steps_run = time.perf_counter(), 0, 0
     with prefetch:
