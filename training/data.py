@@ -128,7 +128,8 @@ def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, mod
             for sh in blocks.shards:
                 if sh.documents and (sh.first_doc_id < lo or sh.last_doc_id > hi):
                     raise DataError(f"{blocks.root / sh.file} holds documents {sh.first_doc_id}..{sh.last_doc_id} but candidate "
-                                    f"{i}'s teacher store {store_path} holds ids {lo}..{hi}: is it the store these blocks were assembled from?")
+                                    f"{i}'s teacher store {store_path} holds ids {lo}..{hi}: is it the store these blocks "
+                                    "were assembled from?")
         first = blocks.shard(0) if len(blocks.shards) else None
         if first is not None and first.source_pos.shape[0] != len(stores):
             raise DataError(f"{blocks.root / blocks.shards[0].file} holds {first.source_pos.shape[0]} candidates "
@@ -181,7 +182,8 @@ class BlockSampler:
 
     def _check(self) -> None:
         if self.steps_per_epoch == 0:
-            raise DataError(f"{len(self.indices)} training blocks cannot fill one global batch of {self.global_batch}; lower --global-batch")
+            raise DataError(f"{len(self.indices)} training blocks cannot fill one global batch of {self.global_batch}; "
+                            "lower --global-batch")
 
     def next_global_batch(self) -> list[int]:
         """Block indices of the next optimiser step (all ranks), advancing the state."""

@@ -89,7 +89,8 @@ class FusionLM(nn.Module):
         self.attention = attention
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, doc_index: Tensor, labels: Tensor, teacher_ids: Tensor,
-                teacher_logits: Tensor, teacher_ce: Tensor, segment_ids: Tensor, source_weights: Tensor | None) -> tuple[Tensor, FusionLossParts]:
+                teacher_logits: Tensor, teacher_ce: Tensor, segment_ids: Tensor,
+                source_weights: Tensor | None) -> tuple[Tensor, FusionLossParts]:
         base = getattr(self.lm, self.lm.base_model_prefix)
         kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
         if self.attention == "document":

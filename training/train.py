@@ -84,7 +84,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
     data = open_data(cfg.data, cfg.eval_data, cfg.eval_holdout, seq_len=cfg.seq_len,
                      model_vocab=int(model_config.vocab_size), fusion=fusion, cache_shards=cfg.shuffle_window)
     if fusion and cfg.strategy == "weights" and len(cfg.source_weights) != len(data.names):
-        raise ConfigError(f"--source-weights has {len(cfg.source_weights)} values but the blocks have {len(data.names)} candidates {data.names}")
+        raise ConfigError(f"--source-weights has {len(cfg.source_weights)} values but the blocks have "
+                          f"{len(data.names)} candidates {data.names}")
     sampler = BlockSampler(data.train_range, cfg.global_batch, cfg.seed, data.blocks.starts, cfg.shuffle_window)
     steps_total = sampler.steps_per_epoch * cfg.epochs
     steps_total = min(steps_total, cfg.max_steps) if cfg.max_steps else steps_total
