@@ -47,14 +47,21 @@ class MetricsLog:
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if "eval_ppl" in record:
-            print(f"step {record['step']:>6}  eval loss {record['eval_loss']:.4f}  ppl {record['eval_ppl']:.3f}", file=sys.stderr)
+            _say(f"step {record['step']:>6}  eval loss {record['eval_loss']:.4f}  ppl {record['eval_ppl']:.3f}")
         elif record["step"] % self.every == 0:
             wins = " ".join(f"{k}={v}" for k, v in record.get("wins", {}).items())
             wins = f"  wins {wins}" if wins else ""
             mfu = f"  mfu {record['mfu']:.1%}" if record.get("mfu") is not None else ""
-            print(f"step {record['step']:>6}  loss {record['loss']:.4f} (ce {record['ce']:.4f} fusion {record['fusion']:.4f})"
-                  f"  |g| {record['grad_norm']:.3f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s{mfu}"
-                  f"  mem {record['peak_mem_gib']:.2f} GiB{wins}", file=sys.stderr)
+            _say(f"step {record['step']:>6}  loss {record['loss']:.4f} (ce {record['ce']:.4f} fusion {record['fusion']:.4f})"
+                 f"  |g| {record['grad_norm']:.3f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s{mfu}"
+                 f"  mem {record['peak_mem_gib']:.2f} GiB{wins}")
+
+
+def _say(line: str) -> None:
+    """A console line that does not tear the progress bar (tqdm moves the bar below it)."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

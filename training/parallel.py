@@ -126,7 +126,7 @@ def _decoder_layers(lm: nn.Module) -> list[nn.Module]:
 
 
 def build_model(path: str, d: Dist, *, loss_options: dict[str, Any], attn_implementation: str, attention: str,
-                param_dtype: torch.dtype, activation_checkpointing: bool) -> FusionLM:
+                param_dtype: torch.dtype, activation_checkpointing: bool, progress: bool = False) -> FusionLM:
     """Build, shard and load the model of a local transformers directory (see the module docstring)."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -162,7 +162,7 @@ def build_model(path: str, d: Dist, *, loss_options: dict[str, Any], attn_implem
                 module.set_force_sum_reduction_for_comms(True)  # gloo lacks NCCL's PREMUL_SUM
 
     model.to_empty(device=d.device)
-    _load_weights(lm, root, tied)
+    _load_weights(lm, root, tied, progress and d.is_main)
     owners = {n.rsplit(".", 1)[0] for n, _ in lm.named_non_persistent_buffers()}
     for name in owners:  # buffers computed in __init__ (rotary frequencies) were left on meta
         lm._init_weights(lm.get_submodule(name))
@@ -180,10 +180,11 @@ def _safetensors_files(root: Path) -> list[Path]:
 
 
 @torch.no_grad()
-def _load_weights(lm: nn.Module, root: Path, tied: bool) -> None:
+def _load_weights(lm: nn.Module, root: Path, tied: bool, progress: bool) -> None:
     """Copy each rank's slice of every parameter from the safetensors files, one tensor at a time."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor, distribute_tensor
+    from tqdm import tqdm
 
     where: dict[str, tuple[Path, str]] = {}
     for file in _safetensors_files(root):
@@ -191,7 +192,7 @@ def _load_weights(lm: nn.Module, root: Path, tied: bool) -> None:
             for key in f.keys():
                 where[key] = (file, key)
     state = lm.state_dict()
-    for name, target in state.items():
+    for name, target in tqdm(state.items(), desc="load weights", unit="tensor", disable=not progress):
         if name not in where:
             if tied and name == "lm_head.weight":
                 continue

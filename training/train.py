@@ -101,7 +101,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
         loss_options.update(strategy="weights", lam=1.0)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, d, loss_options=loss_options, attn_implementation=cfg.attn_implementation,
-                        attention=cfg.attention, param_dtype=param_dtype, activation_checkpointing=cfg.activation_checkpointing)
+                        attention=cfg.attention, param_dtype=param_dtype, activation_checkpointing=cfg.activation_checkpointing,
+                        progress=cfg.progress)
 
     # 3. AdamW (no decay on norms and biases, as the original's HF Trainer), warm-up + cosine.
     decay = [p for p in model.parameters() if p.dim() >= 2]
