@@ -6,16 +6,15 @@
 #
 # Budget: under 6 minutes in all (every step has its own timeout, summing to < 360 s), so
 # that a 10-minute device call leaves time for a rerun. The split: env 15 s, CUDA tests
-# 110 s, fusion loss on logits 150 s, fused lm_head + loss 55 s (S in {2, 4} only and a
-# 200 ms timing window per provider instead of 300 ms: ~4 timed calls of the 128k-vocabulary
-# eager baseline, which takes ~60 ms; chunk sizes auto/1024/2048 swept; ~30 s expected),
-# plots 25 s (the first matplotlib import on a fresh machine builds its font cache) = 355 s.
+# 100 s, fusion loss on logits 115 s, fused lm_head + loss 55 s (S in {2, 4} only and a
+# 200 ms timing window per provider; chunk sizes auto/1024/2048 swept), training step
+# fusion vs CLM-only 50 s (8-layer Llama, 4 timed steps per mode), plots 20 s = 355 s.
 # A failing or timed-out step does not stop the later ones (the benchmark's numbers are
 # worth having even when a test fails), but the script exits non-zero at the end. The
 # benchmarks append their records as they go, so a step cut short by its timeout still
 # leaves the shapes it finished. Results go to bench/results/<gpu>/ (commit them from there)
-# and, when $OUT is set, the .jsonl, .png and the log are copied flat into $OUT (the device
-# tool brings back at most 8 files: 2 .jsonl + 2 .png + the log today).
+# and, when $OUT is set, the log and one archive of the results are put there (the device
+# tool brings back at most 8 files).
 set -uo pipefail  # deliberately no -e: see above
 
 cd "$(dirname "$0")/.."
@@ -50,13 +49,15 @@ step() {  # step NAME LIMIT_S CMD...: run with a timeout, report rc and time, re
 main() {
     status=0
     step env 15 bash -c 'date -u; git rev-parse --short HEAD 2>/dev/null; { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv || true; }; "$0" -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)"' "$PY"
-    step tests 110 "$PY" -m pytest -q -m cuda --durations=10 tests
-    step bench_fusion_loss 150 "$PY" -m bench.bench_fusion_loss --device "$DEVICE" --out "$RES" "${BENCH_ARGS[@]}"
+    step tests 100 "$PY" -m pytest -q -m cuda --durations=10 tests
+    step bench_fusion_loss 115 "$PY" -m bench.bench_fusion_loss --device "$DEVICE" --out "$RES" "${BENCH_ARGS[@]}"
     step bench_fused_linear 55 "$PY" -m bench.bench_fused_linear --device "$DEVICE" --out "$RES" \
         --candidates 2 4 --chunk-rows 0 1024 2048 --rep-ms 200 "${BENCH_ARGS[@]}"
+    step bench_train_step 50 "$PY" -m bench.bench_train_step --device "$DEVICE" --out "$RES" \
+        $([ -z "${BENCH_ARGS[*]}" ] && echo --steps 4) "${BENCH_ARGS[@]}"
     # every results file in one process (torch and matplotlib imported once); a missing or
     # broken file fails the step but does not stop the others from being plotted
-    step plot 25 "$PY" -c '
+    step plot 20 "$PY" -c '
 import sys, traceback
 from bench.plot import main
 rc = 0
@@ -66,7 +67,7 @@ for path in sys.argv[1:]:
     except Exception:
         traceback.print_exc()
         rc = 1
-sys.exit(rc)' "$RES/fusion_loss.jsonl" "$RES/fused_linear_loss.jsonl"
+sys.exit(rc)' "$RES/fusion_loss.jsonl" "$RES/fused_linear_loss.jsonl" "$RES/train_step.jsonl"
     echo "=== gpu_check: status=$status after ${SECONDS}s; results in $RES"
     return $status
 }
