@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from bench.bench_fusion_loss import IGNORE_INDEX, LAM, SEQUENCES, Skip
+from bench.bench_fusion_loss import IGNORE_INDEX, LAM, SEQUENCES, Skip, make_teacher_inputs
 from bench.common import (
     MIB,
     BenchRecord,
@@ -105,23 +105,14 @@ def make_inputs(
     n: int, h: int, v: int, s: int, k: int, dtype: torch.dtype, device: torch.device, seed: int, bias: bool
 ) -> LinearInputs:
     g = torch.Generator(device=device).manual_seed(seed)
-
-    def rand(*shape: int) -> Tensor:
-        return torch.rand(*shape, generator=g, device=device)
-
-    labels = torch.randint(0, v, (n,), generator=g, device=device)
-    ids = torch.randint(0, v, (s, n, k), generator=g, device=device, dtype=torch.int32)
     # weight ~ N(0, 4/H): logits of standard deviation ~2, as a trained lm_head gives.
     weight = torch.randn(v, h, generator=g, device=device, dtype=torch.float32).mul_(2 / math.sqrt(h))
+    hidden = torch.randn(n, h, generator=g, device=device, dtype=torch.float32).to(dtype).requires_grad_()
     return LinearInputs(
-        hidden=torch.randn(n, h, generator=g, device=device, dtype=torch.float32).to(dtype).requires_grad_(),
+        hidden=hidden,
         weight=weight.to(dtype).requires_grad_(),
         bias=random_bias(v, dtype, device, seed + 7) if bias else None,
-        labels=torch.where(rand(n) < 0.05, IGNORE_INDEX, labels),
-        teacher_ids=torch.where(rand(s, n, k) < 0.1, -1, ids).to(torch.int32),
-        teacher_logits=(3 * torch.randn(s, n, k, generator=g, device=device)).sort(dim=-1, descending=True).values,
-        teacher_ce=0.5 + 3 * rand(s, n),
-        segment_ids=torch.arange(n, device=device) // max(1, n // SEQUENCES),
+        **make_teacher_inputs(n, v, s, k, g, device),
     )
 
 

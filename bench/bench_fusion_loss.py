@@ -79,22 +79,28 @@ class LossInputs:
     segment_ids: Tensor  # int64 [N], SEQUENCES equal segments
 
 
-def make_inputs(n: int, v: int, s: int, k: int, dtype: torch.dtype, device: torch.device, seed: int) -> LossInputs:
-    g = torch.Generator(device=device).manual_seed(seed)
+def make_teacher_inputs(n: int, v: int, s: int, k: int, g: torch.Generator, device: torch.device) -> dict[str, Tensor]:
+    """labels, teacher_ids, teacher_logits, teacher_ce and segment_ids as `LossInputs` documents
+    them; shared by every loss benchmark so they all time the same kind of teachers."""
 
     def rand(*shape: int) -> Tensor:
         return torch.rand(*shape, generator=g, device=device)
 
     labels = torch.randint(0, v, (n,), generator=g, device=device)
     ids = torch.randint(0, v, (s, n, k), generator=g, device=device, dtype=torch.int32)
-    return LossInputs(
-        logits=torch.randn(n, v, generator=g, device=device, dtype=dtype).mul_(2).requires_grad_(),
+    return dict(
         labels=torch.where(rand(n) < 0.05, IGNORE_INDEX, labels),
         teacher_ids=torch.where(rand(s, n, k) < 0.1, -1, ids).to(torch.int32),
         teacher_logits=(3 * torch.randn(s, n, k, generator=g, device=device)).sort(dim=-1, descending=True).values,
         teacher_ce=0.5 + 3 * rand(s, n),
         segment_ids=torch.arange(n, device=device) // max(1, n // SEQUENCES),
     )
+
+
+def make_inputs(n: int, v: int, s: int, k: int, dtype: torch.dtype, device: torch.device, seed: int) -> LossInputs:
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(n, v, generator=g, device=device, dtype=dtype).mul_(2).requires_grad_()
+    return LossInputs(logits=logits, **make_teacher_inputs(n, v, s, k, g, device))
 
 
 def _loss_kwargs(x: LossInputs) -> dict:
