@@ -388,7 +388,8 @@ def run_fuse(cfg: FuseConfig, *, overwrite: bool = False, say: Callable[[str], N
         spec = dict(cfg.models)[name]
         tcfg = TeacherConfig(corpus=str(root / "prepared" / part), model=str(root / "models" / name), output=str(out),
                              top_k=cfg.top_k, max_length=_context(spec), overflow=cfg.teacher_overflow,
-                             docs_per_shard=512, batch_tokens=8192, device="cpu", **quiet)
+                             docs_per_shard=512, batch_tokens=8192, device="cpu",
+                             progress=isinstance(spec, PretrainedSource))  # the one long pass: show its bar
         teacher[f"{name}/{part}"] = stages.run(
             f"teacher {name} ({part})", (tcfg,), [out / "manifest.json"],
             lambda tcfg=tcfg: _summary(run_teacher_pass(tcfg)), after=(f"prepare {part}", f"model {name}"))
