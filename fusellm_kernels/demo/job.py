@@ -391,7 +391,7 @@ def run_fuse(cfg: FuseConfig, *, overwrite: bool = False, say: Callable[[str], N
                              docs_per_shard=512, batch_tokens=8192, device="cpu",
                              progress=isinstance(spec, PretrainedSource))  # the one long pass: show its bar
         teacher[f"{name}/{part}"] = stages.run(
-            f"teacher {name} ({part})", (tcfg,), [out / "manifest.json"],
+            f"teacher {name} ({part})", (replace(tcfg, progress=False),), [out / "manifest.json"],  # the bar changes no result
             lambda tcfg=tcfg: _summary(run_teacher_pass(tcfg)), after=(f"prepare {part}", f"model {name}"))
         say(f"    {name} ({part}): {teacher[f'{name}/{part}']['tokens']:,} tokens")
 
