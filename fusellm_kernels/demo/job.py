@@ -27,12 +27,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -239,8 +237,7 @@ def _build_pretrained(src: PretrainedSource, out: Path) -> dict[str, Any]:
     return {"parameters": sum(p.numel() for p in model.parameters()), "vocab": len(tok), "pretrained": str(path)}
 
 
-def _build_toy(spec: ModelSpec, train_texts: list[str], heldout_texts: list[str], out: Path,
-               say: Callable[[str], None]) -> dict[str, Any]:
+def _build_toy(spec: ModelSpec, train_texts: list[str], out: Path, say: Callable[[str], None]) -> dict[str, Any]:
     from fusellm_kernels.demo import toy_models as tm
 
     t0 = time.perf_counter()
@@ -355,7 +352,7 @@ def run_fuse(cfg: FuseConfig, *, overwrite: bool = False, say: Callable[[str], N
         if isinstance(spec, PretrainedSource):
             build = lambda spec=spec, out=out: _build_pretrained(spec, out)  # noqa: E731
         else:
-            build = lambda spec=spec, out=out: _build_toy(spec, train_texts, heldout_texts, out, say)  # noqa: E731
+            build = lambda spec=spec, out=out: _build_toy(spec, train_texts, out, say)  # noqa: E731
         info = stages.run(f"model {name}", (spec,), [out / "config.json"], build, after=("corpus",))
         bpb = stages.run(f"model {name} held-out bits/byte", (), [out / "config.json"],
                          lambda out=out, spec=spec: {"bits_per_byte": _bits_per_byte(out, heldout_texts, _context(spec))},
