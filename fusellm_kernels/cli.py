@@ -343,6 +343,7 @@ def _fuse_run(a: argparse.Namespace) -> RunSummary:
     from fusellm_kernels.demo.job import FuseError, preset, run_fuse
 
     overrides = {k: v for k, v in (("output", a.output), ("train_steps", a.train_steps), ("threads", a.threads),
+                                   ("progress", False if a.no_progress else None),
                                    ("clm_seeds", a.clm_seeds and tuple(a.clm_seeds)),
                                    ("fusion_seeds", a.fusion_seeds and tuple(a.fusion_seeds))) if v is not None}
     try:

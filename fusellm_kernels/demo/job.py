@@ -91,10 +91,11 @@ class FuseConfig:
     attention: str = "document"
     warmup_ratio: float = 0.05
     strategies: tuple[str, ...] = ("min_ce", "avg_ce")
-    clm_seeds: tuple[int, ...] = (0, 1)
-    fusion_seeds: tuple[int, ...] = (0,)
+    clm_seeds: tuple[int, ...] = (0, 1, 2)
+    fusion_seeds: tuple[int, ...] = (0, 1)
     eval_every: int = 30
     threads: int = 0                     # torch threads (0: leave torch's default)
+    progress: bool = True                # progress bars of the long steps (training, a pretrained teacher pass)
 
     @property
     def models(self) -> list[tuple[str, ModelSpec | PretrainedSource]]:
@@ -118,6 +119,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         sources=(("gpt2-bytelevel", ModelSpec("gpt2", "bytelevel_bpe", 500, steps=10, seed=1, **_SMOKE_MODEL)),
                  ("neox-metaspace", ModelSpec("gpt_neox", "metaspace_bpe", 450, steps=10, seed=2, **_SMOKE_MODEL))),
         block_len=64, workers=1, train_steps=3, global_batch=2, micro_batch=2, eval_every=0, lr=3e-3,
+        clm_seeds=(0, 1), fusion_seeds=(0,),
     ),
     # The original FuseLLM's choices at every stage: teacher windows truncated, the off-by-one
     # current-token fallback and its position-0 case, the per-token-mean CE score, one
@@ -287,7 +289,7 @@ def _train_run(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str,
         top_k=0, seq_len=cfg.block_len, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, epochs=1_000_000,
         max_steps=cfg.train_steps, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=0.1, seed=seed,
         param_dtype="float32", attention=cfg.attention, log_every=max(1, cfg.train_steps // 6), eval_every=cfg.eval_every,
-        checkpoint_every=max(1, cfg.train_steps // 2), keep_checkpoints=1, export=True, progress=True,
+        checkpoint_every=max(1, cfg.train_steps // 2), keep_checkpoints=1, export=True, progress=cfg.progress,
         plot=False,  # the report draws every run's curves in one figure
     )
     result = train(tc)
@@ -386,7 +388,7 @@ def run_fuse(cfg: FuseConfig, *, overwrite: bool = False, say: Callable[[str], N
         tcfg = TeacherConfig(corpus=str(root / "prepared" / part), model=str(root / "models" / name), output=str(out),
                              top_k=cfg.top_k, max_length=_context(spec), overflow=cfg.teacher_overflow,
                              docs_per_shard=512, batch_tokens=8192, device="cpu",
-                             progress=isinstance(spec, PretrainedSource))  # the one long pass: show its bar
+                             progress=cfg.progress and isinstance(spec, PretrainedSource))  # the one long pass
         teacher[f"{name}/{part}"] = stages.run(
             f"teacher {name} ({part})", (replace(tcfg, progress=False),), [out / "manifest.json"],  # the bar changes no result
             lambda tcfg=tcfg: _summary(run_teacher_pass(tcfg)), after=(f"prepare {part}", f"model {name}"))
