@@ -374,18 +374,21 @@ def test_sampler_is_shard_local_resumable_and_world_size_free():
     assert one == two
 
 
-def test_fusion_step_equals_plain_fusion_loss(world):
+@pytest.mark.parametrize("fusion_rows", ["labels", "attention"])
+def test_fusion_step_equals_plain_fusion_loss(world, fusion_rows):
     """Step 1 of fusion training = `fusion_loss` on a plain model's logits for the same blocks,
     summed and divided by the step's target tokens (the trainer's batching, segments and
-    normalisation add nothing)."""
+    normalisation add nothing); `--fusion-rows attention` is the loss's fusion_mask = the
+    real rows."""
     from transformers import AutoModelForCausalLM
 
     from fusellm_kernels import fusion_loss
     from fusellm_kernels.pipeline.batches import build_batch
     from training.data import BlockSampler, open_data
 
-    out = world["root"] / "fusion_plain"
-    train(_cfg(world, out, max_steps=1, attention="block", weighting="document", export=False, checkpoint_every=0))
+    out = world["root"] / f"fusion_plain_{fusion_rows}"
+    train(_cfg(world, out, max_steps=1, attention="block", weighting="document", export=False, checkpoint_every=0,
+               fusion_rows=fusion_rows))
     got = _train_records(out)[0]
 
     cfg = _cfg(world, out)
@@ -397,7 +400,8 @@ def test_fusion_step_equals_plain_fusion_loss(world):
         logits = model(batch.input_ids).logits.reshape(-1, 100)
     loss, parts = fusion_loss(logits, batch.labels.reshape(-1), batch.teacher_ids, batch.teacher_logits,
                               teacher_ce=batch.teacher_ce, segment_ids=batch.segment_ids, strategy="min_ce", lam=0.9,
-                              reduction="sum", return_parts=True)
+                              reduction="sum", return_parts=True,
+                              fusion_mask=batch.attention_mask.reshape(-1) if fusion_rows == "attention" else None)
     n = int((batch.labels >= 0).sum())
     assert got["tokens"] == n
     assert math.isclose(got["loss"], float(loss) / n, rel_tol=1e-5)

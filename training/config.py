@@ -21,6 +21,7 @@ from fusellm_kernels.types import DIVERGENCES, STRATEGIES
 Mode = Literal["fusion", "clm"]
 Weighting = Literal["block", "document", "token"]
 Attention = Literal["document", "block"]
+FusionRows = Literal["labels", "attention"]
 DType = Literal["auto", "bfloat16", "float32"]
 
 
@@ -48,6 +49,8 @@ class TrainConfig:
     temperature: float = _opt(1.0, "teacher temperature T (teacher only)")
     ce_temperature: float = _opt(1.0, "τ of softmin_ce")
     divergence: str = _opt("soft_ce", f"one of {DIVERGENCES}")
+    fusion_rows: FusionRows = _opt("labels", "rows the fusion term counts: labels (rows with a next token) or attention "
+                                             "(every real row, each document's last too: the original)")
     source_weights: tuple[float, ...] = _opt((), "fixed per-candidate weights for --strategy weights (one per candidate, target first)")
     top_k: int = _opt(0, "teacher slots per candidate kept in the batch (0: every stored slot)")
     shuffle_window: int = _opt(4, "block shards shuffled together (and kept in memory): shard-local shuffling")
@@ -95,6 +98,7 @@ class TrainConfig:
                 raise bad(name, "is required")
         for name, allowed in (("strategy", STRATEGIES), ("divergence", DIVERGENCES), ("mode", get_args(Mode)),
                               ("weighting", get_args(Weighting)), ("attention", get_args(Attention)),
+                              ("fusion_rows", get_args(FusionRows)),
                               ("param_dtype", get_args(DType)),
                               ("attn_implementation", ("sdpa", "eager", "flash_attention_2"))):
             if getattr(self, name) not in allowed:
@@ -151,6 +155,7 @@ RESUME_MUST_MATCH: tuple[str, ...] = (
     "model", "data", "mode", "strategy", "weighting", "lam", "temperature", "ce_temperature", "divergence",
     "source_weights", "top_k", "shuffle_window", "seq_len", "global_batch", "epochs", "max_steps", "lr", "min_lr_ratio",
     "warmup_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "seed", "attention", "eval_holdout",
+    "fusion_rows",
 )
 
 

@@ -78,6 +78,7 @@ class TrainData:
     train_range: range                   # block indices used for training
     eval_blocks: BlockReader | None
     eval_range: range
+    empty_to_target: bool = False        # alignments made with --reference: the original's rule for empty rows
 
 
 def _load_vocab_map(path: Path, source_vocab: int, target_vocab: int) -> torch.Tensor:
@@ -147,7 +148,8 @@ def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, mod
             raise DataError(f"--eval-holdout {eval_holdout} leaves no training blocks: {manifest} holds {n}")
         eval_blocks = reader if eval_holdout else None
         train_range, eval_range = range(n - eval_holdout), range(n - eval_holdout, n)
-    return TrainData(reader, stores, maps, names, train_range, eval_blocks, eval_range)
+    empty_to_target = any(bool(c.get("reference")) for c in blocks.candidates)
+    return TrainData(reader, stores, maps, names, train_range, eval_blocks, eval_range, empty_to_target)
 
 
 class BlockSampler:
@@ -225,7 +227,8 @@ def make_batch(data: TrainData, indices: list[int], *, fusion: bool, weighting: 
     """The `TrainBatch` of some blocks; in CLM mode (or for evaluation) with one empty teacher slot."""
     blocks: list[Block] = [(store or data.blocks)[i] for i in indices]
     if fusion:
-        return build_batch(blocks, data.stores, data.vocab_maps, weighting=weighting, k=top_k or None, device=device)
+        return build_batch(blocks, data.stores, data.vocab_maps, weighting=weighting, k=top_k or None, device=device,
+                           empty_to_target=data.empty_to_target)
     doc_index = torch.stack([b.doc_index for b in blocks]).long()
     n = doc_index.numel()
     return TrainBatch(

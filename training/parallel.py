@@ -90,7 +90,7 @@ class FusionLM(nn.Module):
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, doc_index: Tensor, labels: Tensor, teacher_ids: Tensor,
                 teacher_logits: Tensor, teacher_ce: Tensor, segment_ids: Tensor,
-                source_weights: Tensor | None) -> tuple[Tensor, FusionLossParts]:
+                source_weights: Tensor | None, fusion_mask: Tensor | None = None) -> tuple[Tensor, FusionLossParts]:
         base = getattr(self.lm, self.lm.base_model_prefix)
         kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
         if self.attention == "document":
@@ -101,7 +101,7 @@ class FusionLM(nn.Module):
                 kwargs["attention_mask"] = document_mask(doc_index, base.get_input_embeddings().weight.dtype)
         hidden = base(**kwargs).last_hidden_state
         return self.lm.lm_head(hidden, labels, teacher_ids, teacher_logits, teacher_ce=teacher_ce,
-                               segment_ids=segment_ids, source_weights=source_weights)
+                               segment_ids=segment_ids, source_weights=source_weights, fusion_mask=fusion_mask)
 
 
 def document_mask(doc_index: Tensor, dtype: torch.dtype) -> Tensor:

@@ -155,7 +155,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
                 t_data = time.perf_counter()
                 batch = prefetch.get(indices, upcoming)
                 data_s += time.perf_counter() - t_data
-                loss_sum, parts = _forward(model, batch, weights)
+                loss_sum, parts = _forward(model, batch, weights, cfg.fusion_rows)
                 (loss_sum / n_tokens.clamp_min(1.0)).backward()
                 wins = parts.wins.float() if fusion else torch.zeros(len(data.names), device=d.device)
                 sums += torch.cat([torch.stack([loss_sum.detach(), parts.ce, parts.fusion]).float(), wins])
@@ -214,14 +214,16 @@ def _lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _forward(model: FusionLM, batch, weights: torch.Tensor):
-    """(summed loss, parts) of one batch; fixed candidate weights broadcast over the rows."""
+def _forward(model: FusionLM, batch, weights: torch.Tensor, fusion_rows: str = "labels"):
+    """(summed loss, parts) of one batch; fixed candidate weights broadcast over the rows;
+    `fusion_rows="attention"` counts the fusion term on every real row, as the original does."""
     s, n = batch.teacher_ids.shape[:2]
     source_weights = None
     if model.lm.get_output_embeddings().loss.options["strategy"] == "weights":  # CLM's head too
         source_weights = (weights if s == weights.numel() else torch.zeros(s, device=weights.device))[:, None].expand(s, n)
+    fusion_mask = batch.attention_mask.reshape(-1) if fusion_rows == "attention" else None
     return model(batch.input_ids, batch.position_ids, batch.doc_index, batch.labels.reshape(-1), batch.teacher_ids,
-                 batch.teacher_logits, batch.teacher_ce, batch.segment_ids, source_weights)
+                 batch.teacher_logits, batch.teacher_ce, batch.segment_ids, source_weights, fusion_mask)
 
 
 @torch.no_grad()

