@@ -10,7 +10,6 @@ Slots j ≥ k_c are −1. Duplicate target ids are left in place: the loss keeps
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
