@@ -197,7 +197,13 @@ def _assemble_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-len", type=int, default=2048, help="rows per training block (the original: 2048)")
     p.add_argument("--score", choices=("per_byte", "reference"), default="per_byte",
                    help="CE score of a document: NLL per byte of text (comparable across tokenizers), or the "
-                        "original's mean NLL per own token")
+                        "original's mean NLL per own token, a block's score then being the mean over its rows of "
+                        "their document's score (exactly the original's)")
+    p.add_argument("--labels", choices=("document", "shifted-block"), default="document",
+                   help="row labels: the next token of the row's own document, also across a block boundary, with "
+                        "none on a document's last row (default; no row learns another document's token), or the "
+                        "original's block inputs shifted by one (a document's EOS row learns the next document's first "
+                        "token; a block's last row has none); padding has none either way")
     p.add_argument("--blocks-per-shard", type=int, default=512, help="blocks per shard file (the unit of resumption)")
     p.add_argument("--overwrite", action="store_true", help="discard existing blocks in --output instead of resuming")
 
@@ -207,7 +213,7 @@ def _assemble_run(a: argparse.Namespace) -> RunSummary:
 
     return run_assemble(AssembleConfig(
         target=a.target, sources=tuple(a.alignments), output=a.output, block_len=a.block_len, score=a.score,
-        blocks_per_shard=a.blocks_per_shard, overwrite=a.overwrite, progress=not a.no_progress,
+        labels=a.labels, blocks_per_shard=a.blocks_per_shard, overwrite=a.overwrite, progress=not a.no_progress,
     ))
 
 
@@ -222,7 +228,9 @@ register_stage(Stage(
     "assemble", "stage 4: pack aligned documents into fixed-length training blocks",
     "Concatenate documents in corpus order into blocks of --block-len rows with, per row and candidate,\n"
     "the position map and CE scores per document, per aligned token and per block, so MinCE/AvgCE can\n"
-    "weigh per block (the original), per document or per token at training time.",
+    "weigh per block (the original), per document or per token at training time. Labels are each\n"
+    "document's next tokens (default) or, with --labels shifted-block, the original's block inputs\n"
+    "shifted by one.",
     _assemble_args, _assemble_run,
 ))
 

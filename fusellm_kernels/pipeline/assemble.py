@@ -3,19 +3,37 @@
 Documents are concatenated in corpus order and cut into blocks of `block_len` rows, as the
 original's packing does; a document that does not fit the room left continues in the next
 block (its piece there starts without the earlier context). The last block is padded (labels
-−100) instead of dropped. Per row and candidate the block holds the position map (which row
-of the candidate's record to take the top-k from), the one-hot fallback and three CE scores,
-so the weighting (per block, document or token) is chosen at training time:
+−100) instead of dropped. (The original packs each `datasets.map` batch of 1000 documents on
+its own, so it leaves a partial block every 1000 documents; here only the last one is.) Per
+row and candidate the block holds the position map (which row of the candidate's record to
+take the top-k from), the one-hot fallback and three CE scores, so the weighting (per block,
+document or token) is chosen at training time:
 
     doc_ce    the document's score (`pipeline/scores.py`; `per_byte` by default, the
               original's per-token mean with `--score reference`). Where the per-byte score is
               undefined (no predicted bytes, e.g. a document that is one token + EOS) the
               per-token score stands in.
     token_ce  the candidate's NLL at the aligned row (the target's own NLL for candidate 0);
-              NaN where the row has no aligned row (training then uses doc_ce there).
-    block_ce  the original's block score: the mean of the pieces' document scores weighted by
-              the piece's rows in the block (`reference`) or by the bytes its rows predict
-              (`per_byte`).
+              NaN where the row has no aligned row or the aligned row predicts nothing (a
+              record's last row; training then uses doc_ce there).
+    block_ce  the block's score. `reference` (exactly the original's packing): the mean over
+              the block's real rows of the score of the document each row belongs to, i.e.
+              each piece weighted by its rows in the block; padding rows are no document
+              token and do not count (the original packs before padding, so its block average
+              never sees them). `per_byte`: the pieces' scores weighted by the bytes their
+              rows predict. Either way documents with an undefined (NaN) score are left out
+              (the original asserts that no score is NaN).
+
+Labels (`--labels`): `document` (default) labels each row with the next token of its own
+document, also across a block boundary, and gives a document's last row (its EOS) −100:
+no row is trained on a token of another document. `shifted-block` is the original's: the
+block's inputs shifted by one, so a document's last row is trained on the next document's
+first token in the same block and the block's last real row has no label even when its
+document continues. Padding is −100 in both. It is an option of its own, not part of
+`--score reference`, because it changes what the CLM term trains on, not how candidates are
+ranked; the reference preset passes both. The trainer and the loss take the labels as they
+are; with `--weighting block` a block's segment mean of its constant block_ce is the same
+whichever of its rows are labelled, so the per-block decision does not depend on them.
 
 Documents flagged NONFINITE (NaN/inf logits) in any candidate's store are left out. Pairing
 of target and source records is by document id and text hash, verified for every document; stores and alignments must come from the same prepared corpus (fingerprints).
@@ -49,6 +67,8 @@ from fusellm_kernels.store.manifest import (
 )
 from fusellm_kernels.store.records import DocFlag, TeacherRecord
 
+LABEL_MODES: tuple[str, ...] = ("document", "shifted-block")
+
 
 @dataclass(frozen=True)
 class AssembleConfig:
@@ -60,6 +80,7 @@ class AssembleConfig:
     output: str
     block_len: int = 2048
     score: str = "per_byte"
+    labels: str = "document"  # or "shifted-block", the original's (module docstring)
     blocks_per_shard: int = 512
     overwrite: bool = False
     progress: bool = True
@@ -71,6 +92,8 @@ class AssembleConfig:
             raise StoreError(f"--blocks-per-shard {self.blocks_per_shard} must be at least 1")
         if self.score not in SCORE_MODES:
             raise StoreError(f"--score {self.score!r}: choose one of {SCORE_MODES}")
+        if self.labels not in LABEL_MODES:
+            raise StoreError(f"--labels {self.labels!r}: choose one of {LABEL_MODES}")
 
 
 @dataclass(frozen=True)
@@ -139,9 +162,12 @@ def _build_shard(blocks: list[list[_Piece]], target: TeacherStore, aligns, store
     )
     doc_ids, first_rows, offsets = [], [], [0]
     cache: dict[int, tuple[TeacherRecord, list[TeacherRecord], list[Any], list[float]]] = {}
+    # the reference block score is accumulated in float64 (the original averages Python
+    # floats) and rounded once to the stored float32; per_byte keeps its float32 sums
+    acc = torch.float64 if cfg.score == "reference" else torch.float32
     for b, pieces in enumerate(blocks):
-        weights = torch.zeros(len(pieces))
-        piece_scores = torch.zeros(s_count, len(pieces))
+        weights = torch.zeros(len(pieces), dtype=acc)
+        piece_scores = torch.zeros(s_count, len(pieces), dtype=acc)
         for p, pc in enumerate(pieces):
             if pc.doc_id not in cache:
                 trec = target.get(pc.doc_id)
@@ -170,17 +196,24 @@ def _build_shard(blocks: list[list[_Piece]], target: TeacherStore, aligns, store
                 sp = amap.source_pos[pc.start:pc.stop]
                 shard["source_pos"][s, b, rows] = sp
                 shard["fallback_id"][s, b, rows] = amap.fallback_id[pc.start:pc.stop]
-                shard["token_ce"][s, b, rows] = torch.where(sp >= 0, srec.nll[sp.clamp_min(0).long()], float("nan"))
+                # a record's last row predicts nothing (its stored nll is 0); with shifted-block
+                # labels the target's EOS row is labelled and would otherwise score 0 there
+                predicts = (sp >= 0) & (sp < srec.num_tokens - 1)
+                shard["token_ce"][s, b, rows] = torch.where(predicts, srec.nll[sp.clamp_min(0).long()], float("nan"))
             for s in range(s_count):
                 shard["doc_ce"][s, b, rows] = scores[s]
-            piece_scores[:, p] = torch.tensor(scores)
-            predicted = trec.token_bytes[pc.start + 1:pc.stop + 1].sum() if cfg.score == "per_byte" else int(has_next.sum())
-            weights[p] = float(predicted)
+            piece_scores[:, p] = torch.tensor(scores, dtype=acc)
+            # reference: the original repeats the document's score once per token of the block
+            weights[p] = float(trec.token_bytes[pc.start + 1:pc.stop + 1].sum() if cfg.score == "per_byte" else pc.stop - pc.start)
             doc_ids.append(pc.doc_id)
             first_rows.append(pc.start)
         ok = torch.isfinite(piece_scores) & (weights > 0)
         w = torch.where(ok, weights, 0.0)
-        shard["block_ce"][:, b] = (torch.where(ok, piece_scores, 0.0) * w).sum(1) / w.sum(1).clamp_min(1e-12)
+        shard["block_ce"][:, b] = ((torch.where(ok, piece_scores, 0.0) * w).sum(1) / w.sum(1).clamp_min(1e-12)).float()
+        if cfg.labels == "shifted-block":
+            real = int(shard["doc_index"][b].ge(0).sum())  # real rows come first, padding after
+            shard["labels"][b] = -100
+            shard["labels"][b, :real - 1] = shard["input_ids"][b, 1:real]
         offsets.append(offsets[-1] + len(pieces))
     return BlockShard(
         **shard, block_doc_offsets=torch.tensor(offsets, dtype=torch.int64),
@@ -202,14 +235,16 @@ def run_assemble(cfg: AssembleConfig) -> RunSummary:
     settings = {
         "target_settings": target.manifest["settings_hash"],
         "alignments": [al.manifest.get("settings_hash") for al in aligns],
-        "block_len": cfg.block_len, "score": cfg.score, "blocks_per_shard": cfg.blocks_per_shard,
+        "block_len": cfg.block_len, "score": cfg.score, "labels": cfg.labels, "blocks_per_shard": cfg.blocks_per_shard,
     }
     if cfg.overwrite and out.exists():
         shutil.rmtree(out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     spath = out / "settings.json"
     if spath.exists():
-        check_same_settings(read_json(spath), settings, spath)
+        stored = read_json(spath)
+        stored.setdefault("labels", "document")  # written before --labels existed: the document labels
+        check_same_settings(stored, settings, spath)
     else:
         write_json_atomic(spath, settings)
 
@@ -263,7 +298,7 @@ def run_assemble(cfg: AssembleConfig) -> RunSummary:
                            "reference": bool(al.manifest["settings"]["reference"]),
                            "aligned_fraction": al.manifest["counts"]["aligned_fraction"]})
     manifest = write_blocks_manifest(out, infos, block_len=cfg.block_len, candidates=candidates, header={
-        "corpus": target.manifest["corpus"], "score": cfg.score, "settings": settings, "settings_hash": settings_hash(settings),
+        "corpus": target.manifest["corpus"], "score": cfg.score, "labels": cfg.labels, "settings": settings, "settings_hash": settings_hash(settings),
         "excluded_nonfinite_docs": sorted(nonfinite),
         "target_vocab_size": target.manifest["model"]["logits_size"],
     })

@@ -14,7 +14,9 @@ left in a block continues in the next block):
 
     input_ids       int32   [B, L]     target token ids (0 at padding)
     labels          int32   [B, L]     next target token of the same document; −100 at a
-                                       document's last row and at padding
+                                       document's last row and at padding (`--labels
+                                       shifted-block`, the original's: the block's next
+                                       row's input; −100 at its last real row and padding)
     doc_index       int32   [B, L]     which piece of the block's document table the row
                                        belongs to (0, 1, ... within the block; −1 padding)
     block_doc_offsets int64 [B+1]      block b owns pieces block_doc_offsets[b]:[b+1]
@@ -26,9 +28,11 @@ left in a block continues in the next block):
                                        (−1: no teacher at that row)
     doc_ce          float32 [S, B, L]  candidate s's score of the row's document
     token_ce        float32 [S, B, L]  candidate s's NLL at the aligned source row (NaN where
-                                       the row has no aligned source row)
-    block_ce        float32 [S, B]     the original's block score: the token-weighted mean of
-                                       the document scores of the block's pieces
+                                       the row has no aligned source row or it predicts
+                                       nothing: the record's last row)
+    block_ce        float32 [S, B]     the block score: the mean of the pieces' document
+                                       scores weighted by their rows (`--score reference`,
+                                       the original's) or their predicted bytes (`per_byte`)
 
 Candidate 0 is the target model itself by convention; its source_pos is the row's own
 position in the document.
