@@ -2,7 +2,8 @@
 
 One record per optimiser step: loss and its parts (ce, fusion: each summed over the step's
 rows and divided by the same global target-token count, so loss = λ·ce + (1 − λ)·fusion),
-wins per candidate (rows where it held the largest weight), grad_norm (before clipping), lr,
+wins per candidate (rows where it held the largest weight), weight_mass per candidate (its
+normalised fused-teacher weight summed over the fusion rows), grad_norm (before clipping), lr,
 tokens (real target tokens of the step, all ranks), tokens_per_s, model_flops (training FLOPs
 of those tokens: 6 × matmul parameters + attention, per token), mfu (model_flops per second
 over the card's dense bf16 peak, CUDA cards with a known peak), peak_mem_gib, step_s (data +

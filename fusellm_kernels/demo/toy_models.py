@@ -52,9 +52,56 @@ def train_tokenizer(kind: TokenizerKind, texts: list[str], vocab_size: int) -> A
         trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), unk_token="<unk>")
     else:
         raise ValueError(f"unknown tokenizer kind {kind!r}")
-    tok.train_from_iterator(texts, trainer)
+    # sequential training: the Unigram trainer's parallel reductions make its scores differ in
+    # the last digit from run to run, and the job must be reproducible
+    import os
+
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        tok.train_from_iterator(texts, trainer)
+    finally:
+        if before is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+    if kind == "metaspace_unigram":
+        tok = _canonical_unigram(tok)
     unk = {} if kind == "bytelevel_bpe" else {"unk_token": "<unk>"}
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", bos_token="<bos>", pad_token="<pad>", **unk)
+
+
+def _canonical_unigram(tok: Any) -> Any:
+    """One text always gives one Unigram tokenizer. The trainer's hash maps iterate in a
+    random order from process to process (single-threaded too): its scores differ in their
+    last digits, and the pieces it adds at the end get the scores min − k·1e-4 (k = 0, 1,
+    ...) in a random order, so ids and segmentations change between runs. Hand those scores
+    out again in string order of the pieces, round every score far below any difference that
+    matters, and order the pieces by (score, string) after the special tokens."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    vocab = spec["model"]["vocab"]
+    specials = [v for v in vocab if v[0] in SPECIALS]
+    if [v[0] for v in vocab[:len(specials)]] != [v[0] for v in specials]:
+        raise AssertionError("the Unigram trainer no longer puts the special tokens first")
+    body = [[p, float(score)] for p, score in vocab[len(specials):]]
+    scores = sorted({round(score, 9) for _, score in body})
+    have = set(scores)
+    # the added pieces: scores in a chain of 1e-4 steps (ties included), never a trained score
+    chain = {x for x in scores if round(x + 1e-4, 9) in have or round(x - 1e-4, 9) in have}
+    added = [i for i, (_, score) in enumerate(body) if round(score, 9) in chain]
+    if len(added) > 1:
+        pieces = sorted(body[i][0] for i in added)
+        given = sorted((body[i][1] for i in added), reverse=True)
+        for i, piece, score in zip(added, pieces, given):
+            body[i] = [piece, score]
+    body = sorted(([p, round(score, 9)] for p, score in body), key=lambda v: (-v[1], v[0]))
+    spec["model"]["vocab"] = specials + body
+    spec["model"]["unk_id"] = [v[0] for v in specials].index("<unk>")
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 @dataclass(frozen=True)
@@ -111,8 +158,9 @@ def token_stream(tokenizer: Any, texts: list[str]) -> torch.Tensor:
 
 
 def pretrain(model: torch.nn.Module, stream: torch.Tensor, spec: ModelSpec,
-             report: Callable[[str], None] = print) -> list[dict[str, float]]:
-    """Train on random windows of the token stream; returns the loss curve (every 10 steps)."""
+             on_step: Callable[[int, int], None] | None = None) -> list[dict[str, float]]:
+    """Train on random windows of the token stream; returns the loss curve (every 10 steps).
+    on_step(step, total) is called after every step (the caller's progress display)."""
     if spec.steps == 0:
         return []
     window = spec.context + 1
@@ -136,33 +184,78 @@ def pretrain(model: torch.nn.Module, stream: torch.Tensor, spec: ModelSpec,
         sched.step()
         opt.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == spec.steps:
-            value = loss.item()
-            curve.append({"step": step, "loss": value})
-            if step % max(10, spec.steps // 5 // 10 * 10) == 0 or step == spec.steps:
-                report(f"    step {step:>5}/{spec.steps}  loss {value:.3f}  ({time.perf_counter() - t0:.0f} s)")
+            curve.append({"step": step, "loss": loss.item(), "seconds": time.perf_counter() - t0})
+        if on_step is not None:
+            on_step(step, spec.steps)
     model.eval()
     return curve
 
 
+@dataclass(frozen=True)
+class HeldoutScore:
+    """One model's cross entropy on held-out documents, per document (for the bootstrap).
+
+    nll[d]: summed NLL in nats of document d's tokens and its closing EOS; tokens[d]: how many
+    were predicted; bytes[d]: its UTF-8 bytes. Every token is predicted, the first from the EOS
+    that precedes each document in pretraining, so every byte of the text is paid for.
+    """
+
+    nll: tuple[float, ...]
+    tokens: tuple[int, ...]
+    bytes: tuple[int, ...]
+
+    @property
+    def bits_per_byte(self) -> float:
+        """Comparable across tokenizers (per token it is not: a finer tokenizer scores lower)."""
+        return sum(self.nll) / max(1, sum(self.bytes)) / math.log(2)
+
+    @property
+    def perplexity(self) -> float:
+        """Per own token: comparable only between models of one tokenizer (the target's runs)."""
+        return math.exp(sum(self.nll) / max(1, sum(self.tokens)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"bits_per_byte": self.bits_per_byte, "perplexity": self.perplexity, "nll": list(self.nll),
+                "tokens": list(self.tokens), "bytes": list(self.bytes)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "HeldoutScore":
+        return cls(tuple(d["nll"]), tuple(d["tokens"]), tuple(d["bytes"]))
+
+
 @torch.no_grad()
-def bits_per_byte(model: torch.nn.Module, tokenizer: Any, texts: list[str], context: int) -> float:
-    """Held-out cross entropy in bits per UTF-8 byte of text: comparable across tokenizers
-    (per token it is not: a finer tokenizer scores lower per token on the same text)."""
+def heldout_score(model: torch.nn.Module, tokenizer: Any, texts: list[str], context: int,
+                  batch: int = 32) -> HeldoutScore:
+    """The one held-out measurement of the main job, for every model, before and after training.
+
+    Each document is EOS + its tokens + EOS, read in consecutive windows of `context`
+    predictions (each window restarts its context, as the teacher pass's overflow=split);
+    windows are batched with right padding, which a causal model never attends to.
+    """
     model.eval()
-    nll, n_bytes = 0.0, 0
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        n_bytes += len(text.encode("utf-8"))
-        for s in range(0, len(ids) - 1, context):  # consecutive windows, as the teacher pass's overflow=split
-            chunk = torch.tensor(ids[s:s + context + 1])[None]
-            if chunk.shape[1] < 2:
-                break
-            out = model(input_ids=chunk[:, :-1], labels=chunk[:, :-1].clone())
-            nll += float(out.loss) * (chunk.shape[1] - 2) if chunk.shape[1] > 2 else 0.0
-            # the last pair of the window: the loss above skips it (shift inside); add it
-            logits = out.logits[0, -1].float()
-            nll += float(torch.logsumexp(logits, 0) - logits[chunk[0, -1]])
-    return nll / max(1, n_bytes) / math.log(2)
+    eos = tokenizer.eos_token_id
+    windows: list[tuple[int, list[int]]] = []  # (document, context + targets)
+    for d, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        seq = [eos, *ids, eos]
+        for s in range(0, len(seq) - 1, context):
+            windows.append((d, seq[s:s + context + 1]))
+    nll = [0.0] * len(texts)
+    count = [0] * len(texts)
+    for b in range(0, len(windows), batch):
+        part = windows[b:b + batch]
+        width = max(len(w) for _, w in part)
+        ids = torch.full((len(part), width), eos, dtype=torch.int64)
+        mask = torch.zeros(len(part), width, dtype=torch.int64)
+        for i, (_, w) in enumerate(part):
+            ids[i, :len(w)] = torch.tensor(w)
+            mask[i, :len(w)] = 1
+        logits = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1]).logits.double()
+        token_nll = torch.logsumexp(logits, -1) - logits.gather(-1, ids[:, 1:, None])[..., 0]
+        token_nll = token_nll * mask[:, 1:]
+        for i, (d, w) in enumerate(part):
+            nll[d] += float(token_nll[i].sum())
+            count[d] += len(w) - 1
+    return HeldoutScore(tuple(nll), tuple(count), tuple(len(t.encode("utf-8")) for t in texts))
 
 
 def save(model: torch.nn.Module, tokenizer: Any, path: Path) -> Path:
