@@ -9,21 +9,31 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import sys
 import time
 from pathlib import Path
 
-import pytest
+from dataclasses import replace
 
+import pytest
+import torch
+
+from fusellm_kernels.demo.corpus import CorpusSpec
 from fusellm_kernels.demo.job import PRESETS, FuseConfig, FuseError, preset, run_fuse
 from fusellm_kernels.demo.toy_models import ModelSpec
 
-SMOKE = dict(corpus_max_chars=10_000, train_steps=2, eval_every=0, clm_seeds=(0, 1), fusion_seeds=(0,), progress=False)
+SMOKE = dict(corpus=CorpusSpec(target_chars=6_000, extra_chars=6_000, heldout_every=6, stdlib_chars=20_000, packages=()),
+             train_steps=2, eval_every=0, clm_seeds=(0, 1), fusion_seeds=(0,), progress=False, workers=1)
 MODELS = ("target", "gpt2-bytelevel", "neox-metaspace")
+# fields of the report that are times, sizes on disk, or paths of the run directory
+_VOLATILE = {"seconds", "wall_seconds", "built_wall_seconds", "tokenizer_seconds", "files", "output", "export", "stages",
+             "machine", "bytes_written", "bytes_total"}
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> tuple[FuseConfig, dict]:
-    cfg = preset("smoke", output=str(tmp_path_factory.mktemp("fuse") / "run"), threads=2, **SMOKE)
+    cfg = preset("smoke", output=str(tmp_path_factory.mktemp("fuse") / "run"), **SMOKE)
     return cfg, run_fuse(cfg, say=lambda _msg: None)
 
 
@@ -31,16 +41,52 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _stable(x, root: str):
+    if isinstance(x, dict):
+        return {k: _stable(v, root) for k, v in x.items() if k not in _VOLATILE}
+    if isinstance(x, list):
+        return [_stable(v, root) for v in x]
+    return x.replace(root, "RUN") if isinstance(x, str) else x
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
 def test_corpus_split(smoke):
+    """The held-out text is in no model's training text: no exact document, no shared
+    13-word n-gram (checked here from the files, independently of the corpus module)."""
     cfg, rep = smoke
     root = Path(cfg.output) / "corpus"
-    train = [json.loads(x) for x in (root / "train.jsonl").read_text().splitlines()]
-    held = [json.loads(x) for x in (root / "heldout.jsonl").read_text().splitlines()]
-    assert train and held and {d["text"] for d in train}.isdisjoint(d["text"] for d in held)
-    assert len(train) == pytest.approx(len(held) * (cfg.heldout_every - 1), abs=cfg.heldout_every)
-    assert rep["corpus"]["train"]["documents"] == len(train) and rep["corpus"]["heldout"]["documents"] == len(held)
-    assert rep["corpus"]["train"]["bytes"] == sum(len(d["text"].encode()) for d in train)
-    assert all(len(d["text"]) >= 120 for d in train + held)  # real prose, not one-line stubs
+    parts = {p: [json.loads(x)["text"] for x in (root / f"{p}.jsonl").read_text().splitlines()] for p in ("train", "heldout", "extra")}
+    assert all(parts.values())
+    n = cfg.corpus.ngram
+    held = set()
+    for t in parts["heldout"]:
+        w = _words(t)
+        held |= {" ".join(w[i:i + n]) for i in range(len(w) - n + 1)}
+    for part in ("train", "extra"):  # the target reads train; the sources train + extra
+        assert not set(parts[part]) & set(parts["heldout"])
+        for t in parts[part]:
+            w = _words(t)
+            assert not any(" ".join(w[i:i + n]) in held for i in range(len(w) - n + 1)), t[:80]
+    assert rep["corpus"]["overlap"]["sources"] == {"exact_documents": 0, "documents_sharing_ngram": 0, "ngram_words": n}
+    for part in parts:
+        assert rep["corpus"][part]["documents"] == len(parts[part])
+        assert rep["corpus"][part]["bytes"] == sum(len(t.encode()) for t in parts[part])
+    assert all(len(t) >= 120 for t in parts["train"] + parts["heldout"])  # real prose, not one-line stubs
+    assert rep["corpus"]["versions"]["python"] == sys.version.split()[0]
+    # the sources' training text is the target's plus the extra part
+    assert rep["models"]["gpt2-bytelevel"]["train_bytes"] == rep["corpus"]["train"]["bytes"] + rep["corpus"]["extra"]["bytes"]
+    assert rep["models"]["target"]["train_bytes"] == rep["corpus"]["train"]["bytes"]
+
+
+def test_corpus_overlap_counts_what_it_finds():
+    from fusellm_kernels.demo.corpus import overlap
+
+    held = ["one two three four five six seven eight nine ten eleven twelve thirteen fourteen"]
+    train = [held[0], "x " + " ".join(held[0].split()[1:]) + " y", "one two three four five"]
+    assert overlap(held, train, 13) == {"exact_documents": 1, "documents_sharing_ngram": 2, "ngram_words": 13}
 
 
 def test_models_three_tokenizer_families(smoke):
@@ -54,11 +100,12 @@ def test_models_three_tokenizer_families(smoke):
         tok = AutoTokenizer.from_pretrained(d)
         markers[name] = "".join(tok.convert_ids_to_tokens(tok(" the value")["input_ids"]))
         assert rep["models"][name]["vocab"] == len(tok)
-        assert math.isfinite(rep["models"][name]["bits_per_byte"])
+        assert math.isfinite(rep["models"][name]["heldout_bits_per_byte"])
     assert archs == {"target": "llama", "gpt2-bytelevel": "gpt2", "neox-metaspace": "gpt_neox"}
     assert "Ġ" in markers["gpt2-bytelevel"] and "▁" in markers["neox-metaspace"] and "▁" in markers["target"]
-    tgt = rep["models"]["target"]["bits_per_byte"]
-    assert all(rep["models"][n]["bits_per_byte"] < tgt for n in MODELS[1:]), "sources must start stronger than the target"
+    tgt = rep["models"]["target"]["heldout_bits_per_byte"]
+    assert all(rep["models"][n]["heldout_bits_per_byte"] < tgt for n in MODELS[1:]), "sources must start stronger than the target"
+    assert rep["before"]["bits_per_byte"] == tgt  # the target's start: the same measurement
 
 
 def test_stage_outputs(smoke):
@@ -99,9 +146,15 @@ def test_training_runs(smoke):
         tc = _json(out / "config.json")
         assert tc["mode"] == ("clm" if name.startswith("clm") else "fusion")
         assert tc["max_steps"] == cfg.train_steps == r["steps"]
-        assert (out / "export" / "config.json").exists() and math.isfinite(r["eval_ppl"])
+        assert (out / "export" / "config.json").exists() and math.isfinite(r["perplexity"])
         if r["mode"] == "fusion":
-            assert tc["strategy"] == r["strategy"] and sum(r["wins"].values()) > 0
+            assert tc["strategy"] == r["strategy"]
+            steps = [x for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in x]
+            # every fusion row's normalised weights sum to one: the mass over candidates is the row count
+            for x in steps:
+                assert sum(x["weight_mass"].values()) == pytest.approx(sum(x["wins"].values()), rel=1e-5)
+    for name, w in rep["wins"].items():
+        assert sum(w.values()) > 0 and set(rep["weight_mass"][name]) == set(w)
     assert set(rep["wins"]) == {"mince-seed0", "avgce-seed0"}
     assert set(rep["wins"]["mince-seed0"]) <= set(MODELS)
 
@@ -112,23 +165,28 @@ def test_report_fields(smoke):
     assert _json(root / "report.json") == json.loads(json.dumps(rep))
     assert (root / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (root / "report.md").read_text()
-    for heading in ("Held-out perplexity", "Which candidate won", "Alignment and storage", "Time per stage"):
+    for heading in ("Verdict", "Held-out results", "Which candidate", "Alignment and storage", "Time per stage"):
         assert heading in md
-    ppl = rep["perplexity"]
-    assert len(ppl["clm"]) == 2 and set(ppl["fusion"]) == {"mince-seed0", "avgce-seed0"} and ppl["before"] > 0
+    assert "mean nothing" in md and rep["tiny"]  # a smoke run says its verdict is meaningless
+    runs = {r["name"]: r for r in rep["runs"]}
+    clm = [runs[n]["perplexity"] for n in ("clm-seed0", "clm-seed1")]
     v = rep["verdict"]
-    assert v["clm_spread"] == pytest.approx(max(ppl["clm"]) - min(ppl["clm"]))
-    for name, row in v["runs"].items():
-        assert row["beats_clm_beyond_seed_spread"] == (min(ppl["clm"]) - ppl["fusion"][name] > v["clm_spread"])
-    assert v["fusion_beats_clm"] == any(r["beats_clm_beyond_seed_spread"] for r in v["runs"].values())
-    assert rep["verdict_lines"]
+    assert v["clm_spread"] == pytest.approx(max(clm) - min(clm)) and v["mince_mean"] == runs["mince-seed0"]["perplexity"]
+    assert v["status"] == "meaningless (toy sizes)" and v["fusion_beats_clm"] is False
+    # perplexity and bits/byte are one measurement: exp(nll / tokens), nll / bytes / ln 2
+    score = _json(Path(cfg.output) / "stages.json")["train mince-seed0"]["result"]["heldout"]
+    assert runs["mince-seed0"]["perplexity"] == pytest.approx(math.exp(sum(score["nll"]) / sum(score["tokens"])))
+    assert runs["mince-seed0"]["bits_per_byte"] == pytest.approx(sum(score["nll"]) / rep["corpus"]["heldout"]["bytes"] / math.log(2))
+    assert set(rep["evaluation_noise"]["ppl_std"]) == set(runs)
     for name in MODELS:
         assert 10 < rep["stores"][name]["bytes_per_token"] < 200
-    expected = {"corpus", "prepare train", "prepare heldout", "assemble train", "assemble heldout", "evaluate target before",
+    expected = {"corpus", "prepare train", "prepare heldout", "assemble train", "assemble heldout",
+                "[models]", "[teacher passes]", "[training runs]",
                 *(f"model {n}" for n in MODELS), *(f"teacher {n} (train)" for n in MODELS), "teacher target (heldout)",
                 *(f"align {n}" for n in MODELS[1:]), *(f"train {r}" for r in ("clm-seed0", "clm-seed1", "mince-seed0", "avgce-seed0"))}
     assert expected <= set(rep["stages"])
     assert all(s["ran"] and s["seconds"] >= 0 for s in rep["stages"].values())
+    assert 0 < rep["bytes_written"] <= rep["bytes_total"] and rep["wall_seconds"] > 0
 
 
 def test_second_run_is_cached(smoke):
@@ -137,20 +195,30 @@ def test_second_run_is_cached(smoke):
     rep = run_fuse(cfg, say=lambda _msg: None)
     assert time.perf_counter() - t0 < 15
     assert not any(s["ran"] for s in rep["stages"].values())
-    assert rep["perplexity"] == first["perplexity"]
+    assert rep["runs"] == first["runs"] and rep["verdict"] == first["verdict"]
+    assert rep["wall_seconds"] > 0 and rep["bytes_written"] < first["bytes_written"]  # only the report is rewritten
+
+
+def test_two_runs_give_identical_reports(smoke, tmp_path):
+    """Every stage is deterministic: a second run from scratch, this time on a pool of two
+    worker processes, writes the same report but for its times and paths."""
+    cfg, first = smoke
+    again = replace(cfg, output=str(tmp_path / "again"), workers=2)
+    rep = run_fuse(again, say=lambda _msg: None)
+    assert _stable(rep, again.output) == _stable(first, cfg.output)
 
 
 def test_stage_cache_keys(tmp_path):
     """A stage re-runs when its settings, an upstream stage's key or its output changes; else cached."""
-    from fusellm_kernels.demo.job import _Stages
+    from fusellm_kernels.demo.job import Job, _Stages
 
     calls: list[str] = []
     out = tmp_path / "a.txt"
 
     def run(settings_a: int, settings_b: int) -> None:
-        s = _Stages(tmp_path, lambda _m: None)
-        s.run("a", (settings_a,), [out], lambda: (calls.append("a"), out.write_text("x"), {"v": settings_a})[-1])
-        s.run("b", (settings_b,), [], lambda: (calls.append("b"), {"v": settings_b})[-1], after=("a",))
+        s = _Stages(tmp_path, lambda _m: None, workers=1, threads=1, progress=False)
+        s.run(Job("a", (settings_a,), (out,), lambda: (calls.append("a"), out.write_text("x"), {"v": settings_a})[-1], ()))
+        s.run_group("g", [Job("b", (settings_b,), (), lambda: (calls.append("b"), {"v": settings_b})[-1], (), after=("a",))])
 
     run(1, 1)
     run(1, 1)
@@ -172,8 +240,78 @@ def test_bad_configuration_is_reported():
         run_fuse(preset("smoke", output="/nonexistent/never", strategies=("max_ce",)), say=lambda _m: None)
     assert set(PRESETS) >= {"default", "smoke", "reference", "smollm2"}
     ref = preset("reference")
-    assert (ref.fallback, ref.score, ref.weighting, ref.align_reference) == ("current", "reference", "block", True)
+    assert (ref.fallback, ref.score, ref.weighting, ref.align_reference, ref.labels) == (
+        "current", "reference", "block", True, "shifted-block")
     assert isinstance(preset("default").target, ModelSpec)
+    # every option is checked before the first stage runs, naming the flag
+    for bad, flag in ((dict(train_steps=-3), "--train-steps"), (dict(workers=0), "--workers"),
+                      (dict(clm_seeds=(1, 1)), "--clm-seeds"), (dict(fusion_seeds=()), "--fusion-seeds")):
+        with pytest.raises(FuseError, match=flag):
+            run_fuse(preset("smoke", output="/nonexistent/never", **bad), say=lambda _m: None)
+    assert not Path("/nonexistent/never").exists()
+
+
+@pytest.mark.parametrize("clm, mince, tiny, status, beats", [
+    ([100.0, 101.0, 102.0], [95.0, 96.0], False, "beats", True),                     # 5.5 % and beyond the spread 2
+    ([100.0, 100.5, 101.0], [98.0, 98.2], False, "beyond the seed spread, below the gain target", False),  # 1.9 %
+    ([100.0, 104.0, 102.0], [96.5, 96.9], False, "not beyond the seed spread", False),  # 3.3 % but spread 4
+    ([100.0, 101.0, 102.0], [100.5, 101.0], False, "does not beat", False),
+    ([100.0, 101.0, 102.0], [95.0, 96.0], True, "meaningless (toy sizes)", False),   # smoke: never a result
+])
+def test_verdict_logic(clm, mince, tiny, status, beats):
+    from fusellm_kernels.demo.report import verdict
+
+    v = verdict(clm, mince, tiny=tiny)
+    best, spread, m = min(clm), max(clm) - min(clm), sum(mince) / len(mince)
+    assert (v["clm_best"], v["clm_spread"], v["mince_mean"]) == (best, spread, m)
+    assert v["margin"] == pytest.approx(best - m) and v["relative_margin"] == pytest.approx((best - m) / best)
+    assert (v["status"], v["fusion_beats_clm"]) == (status, beats)
+
+
+def test_bootstrap_noise_is_deterministic_and_scales():
+    from fusellm_kernels.demo.report import bootstrap
+
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(20, 200, (60,), generator=g)
+    runs = {}
+    for name, rate in (("c0", 5.0), ("c1", 5.02), ("m0", 4.9)):
+        nll = tokens * (rate + 0.5 * torch.randn(60, generator=g))
+        runs[name] = {"nll": nll.tolist(), "tokens": tokens.tolist()}
+    a = bootstrap(runs, ["c0", "c1"], ["m0"], samples=500)
+    assert a == bootstrap(runs, ["c0", "c1"], ["m0"], samples=500)
+    full_margin = min(math.exp(sum(runs[c]["nll"]) / sum(runs[c]["tokens"])) for c in ("c0", "c1")) - \
+        math.exp(sum(runs["m0"]["nll"]) / sum(runs["m0"]["tokens"]))
+    assert a["margin_95"][0] < full_margin < a["margin_95"][1] and a["margin_std"] > 0
+    # identical runs: the margin never moves
+    same = bootstrap({"c0": runs["c0"], "m0": runs["c0"]}, ["c0"], ["m0"], samples=200)
+    assert same["margin_std"] == 0.0 and same["margin_95"] == [0.0, 0.0]
+
+
+def test_heldout_score_matches_a_plain_loop(smoke):
+    """The batched, right-padded measurement equals a loop over one window at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusellm_kernels.demo.corpus import read_texts
+    from fusellm_kernels.demo.toy_models import heldout_score
+
+    cfg, _ = smoke
+    texts = read_texts(Path(cfg.output) / "corpus" / "heldout.jsonl")[:6]
+    for name in ("target", "gpt2-bytelevel"):
+        d = Path(cfg.output) / "models" / name
+        tok = AutoTokenizer.from_pretrained(d)
+        model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+        got = heldout_score(model, tok, texts, context=16, batch=4)
+        for i, text in enumerate(texts):
+            seq = [tok.eos_token_id, *tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+            nll, n = 0.0, 0
+            for s in range(0, len(seq) - 1, 16):
+                w = torch.tensor(seq[s:s + 17])
+                with torch.no_grad():
+                    logp = torch.log_softmax(model(input_ids=w[None, :-1]).logits[0].double(), -1)
+                nll -= float(logp.gather(-1, w[1:, None]).sum())
+                n += len(w) - 1
+            assert got.nll[i] == pytest.approx(nll, rel=1e-5) and got.tokens[i] == n == len(seq) - 1
+            assert got.bytes[i] == len(text.encode())
 
 
 # --- the reference preset's loss against a re-implementation of the original ------------------
@@ -245,7 +383,7 @@ def test_reference_preset_loss_equals_original(smoke, tmp_path, strategy):
                               vocab_align=ref.vocab_align, fallback=ref.fallback, reference=ref.align_reference, progress=False))
         aligns.append(str(out))
     run_assemble(AssembleConfig(target=str(root / "teacher" / "target"), sources=tuple(aligns), output=str(tmp_path / "blocks"),
-                                block_len=cfg.block_len, score=ref.score, progress=False))
+                                block_len=cfg.block_len, score=ref.score, labels=ref.labels, progress=False))
     blocks = BlockStore(tmp_path / "blocks")
     stores = [TeacherStore(c["store"]) for c in blocks.candidates]
     maps = [None] + [torch.load(c["vocab_map"]) for c in blocks.candidates[1:]]

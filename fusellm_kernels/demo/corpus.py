@@ -53,7 +53,7 @@ class DemoCorpusError(RuntimeError):
 class CorpusSpec:
     """How much text each part gets (characters; 0 = everything available)."""
 
-    target_chars: int = 250_000
+    target_chars: int = 150_000
     extra_chars: int = 3_000_000
     heldout_every: int = 12
     stdlib_chars: int = 0  # stop reading the stdlib after this much text (0: all; the smoke test reads a slice)

