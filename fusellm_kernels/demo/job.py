@@ -78,9 +78,9 @@ class FuseConfig:
                                   steps=8, batch=32, lr=2e-3, seed=3)
     sources: tuple[tuple[str, ModelSpec | PretrainedSource], ...] = (
         ("gpt2-bytelevel", ModelSpec("gpt2", "bytelevel_bpe", 2560, hidden=96, layers=3, heads=4, context=128,
-                                     steps=250, batch=32, lr=3e-3, seed=1)),
+                                     steps=200, batch=32, lr=3e-3, seed=1)),
         ("neox-metaspace", ModelSpec("gpt_neox", "metaspace_bpe", 2304, hidden=96, layers=3, heads=4, context=128,
-                                     steps=250, batch=32, lr=3e-3, seed=2)),
+                                     steps=200, batch=32, lr=3e-3, seed=2)),
     )
     # pipeline stages (the `fusellm` stages' options)
     top_k: int = 10
@@ -92,7 +92,7 @@ class FuseConfig:
     labels: str = "document"             # assemble --labels (shifted-block: the original's)
     block_len: int = 128
     # training (training/, `fusellm train`)
-    train_steps: int = 250
+    train_steps: int = 320
     global_batch: int = 8
     micro_batch: int = 4
     lr: float = 1e-3                     # of the target's runs (higher rates spread the seeds: README)
@@ -105,7 +105,7 @@ class FuseConfig:
     strategies: tuple[str, ...] = ("min_ce", "avg_ce")
     clm_seeds: tuple[int, ...] = (0, 1, 2)
     fusion_seeds: tuple[int, ...] = (0, 1)
-    eval_every: int = 50
+    eval_every: int = 80
     eval_blocks: int = 96                # the trainer's own periodic evaluation reads a slice (the curves' dots);
                                          # the verdict's numbers come from the whole held-out text
     # execution: independent stages run `workers` at a time, `threads` torch threads each
