@@ -245,7 +245,8 @@ def _markdown(rep: dict[str, Any]) -> str:
         m.append(f"| {name} | {_fmt_s(row['seconds'])} | {'ran' if row['ran'] else 'cached'} |")
     m += [f"| **wall time when built** | {_fmt_s(rep['built_wall_seconds'])} | |",
           f"| **this invocation** | {_fmt_s(rep['wall_seconds'])} | |", "",
-          f"Bytes written by this invocation: {rep['bytes_written']:,}; run directory: {rep['bytes_total']:,}.", "",
+          f"Bytes written by this invocation (before the report's own files): {rep['bytes_written']:,}; run directory: "
+          f"{rep['bytes_total']:,}.", "",
           "![results](curves.png)", ""]
     return "\n".join(m)
 
