@@ -115,14 +115,19 @@ def ngrams(text: str, n: int = NGRAM) -> set[tuple[str, ...]]:
     return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
 
 
+def _all_ngrams(texts: Iterable[str], n: int) -> set[tuple[str, ...]]:
+    out: set[tuple[str, ...]] = set()
+    for t in texts:
+        out |= ngrams(t, n)
+    return out
+
+
 def overlap(heldout: Iterable[str], training: Iterable[str], n: int = NGRAM) -> dict[str, int]:
     """Exact document matches and documents sharing at least one word n-gram, between held-out
     and training text: the contamination check the report prints for every model."""
     held = list(heldout)
     held_set = set(held)
-    held_grams: set[tuple[str, ...]] = set()
-    for t in held:
-        held_grams |= ngrams(t, n)
+    held_grams = _all_ngrams(held, n)
     exact = shared = 0
     for t in training:
         exact += t in held_set
@@ -158,9 +163,7 @@ def build_parts(spec: CorpusSpec) -> tuple[dict[str, list[str]], dict[str, Any]]
         raise DemoCorpusError(f"the standard library yielded only {len(stdlib)} docstrings (is it installed without .py files?)")
     heldout = [d for i, d in enumerate(stdlib) if i % spec.heldout_every == spec.heldout_every - 1]
     rest = [d for i, d in enumerate(stdlib) if i % spec.heldout_every != spec.heldout_every - 1]
-    held_grams: set[tuple[str, ...]] = set()
-    for t in heldout:
-        held_grams |= ngrams(t, spec.ngram)
+    held_grams = _all_ngrams(heldout, spec.ngram)
 
     def clean(docs: list[str]) -> tuple[list[str], int]:
         kept = [d for d in docs if held_grams.isdisjoint(ngrams(d, spec.ngram))]

@@ -179,10 +179,6 @@ def _plot(rep: dict[str, Any], runs: list[dict[str, Any]], png: Path) -> Path:
     return png
 
 
-def _fmt_s(x: float) -> str:
-    return f"{x:.1f}"
-
-
 def _markdown(rep: dict[str, Any]) -> str:
     v, noise, c = rep["verdict"], rep["evaluation_noise"], rep["corpus"]
     m = ["# fusellm fuse report", ""]
@@ -242,9 +238,9 @@ def _markdown(rep: dict[str, Any]) -> str:
           "Groups (`[...]`) ran their stages on the worker pool; their wall time is what the run waited, the stages' "
           "own seconds overlap.", "", "| stage | seconds | this run |", "|---|---:|---|"]
     for name, row in rep["stages"].items():
-        m.append(f"| {name} | {_fmt_s(row['seconds'])} | {'ran' if row['ran'] else 'cached'} |")
-    m += [f"| **wall time when built** | {_fmt_s(rep['built_wall_seconds'])} | |",
-          f"| **this invocation** | {_fmt_s(rep['wall_seconds'])} | |", "",
+        m.append(f"| {name} | {row['seconds']:.1f} | {'ran' if row['ran'] else 'cached'} |")
+    m += [f"| **wall time when built** | {rep['built_wall_seconds']:.1f} | |",
+          f"| **this invocation** | {rep['wall_seconds']:.1f} | |", "",
           f"Bytes written by this invocation (before the report's own files): {rep['bytes_written']:,}; run directory: "
           f"{rep['bytes_total']:,}.", "",
           "![results](curves.png)", ""]
