@@ -100,10 +100,12 @@ def fusion_loss(
     Args:
         logits: [N, V] or [B, T, V] bf16/fp16/fp32 student logits; row n predicts labels[n].
         labels: [N] or [B, T] int next-token targets; `ignore_index` marks rows without one.
+            A label outside [0, V) makes its row's loss and gradient NaN (`validate` names it).
         teacher_ids: [S, N, K] (or [S, B, T, K]) int target-vocabulary ids of each candidate's
             top-k; a negative id marks an empty slot; the first slot holding an id wins.
         teacher_logits: [S, N, K] float raw teacher logits (ignored at empty slots).
-        teacher_ce: [S, N] per-row CE scores of the candidates (`min_ce`, `avg_ce`, `softmin_ce`).
+        teacher_ce: [S, N] per-row CE scores of the candidates (`min_ce`, `avg_ce`, `softmin_ce`);
+            +inf is allowed (`min_ce` and `softmin_ce` give it weight 0), NaN and −inf are not.
         segment_ids: [N] non-decreasing; rows with equal ids share one weighting decision.
             Default: one segment per sequence for [B, T, V] input, one for [N, V].
         source_weights: [S, N] non-negative weights per row (`strategy="weights"`).

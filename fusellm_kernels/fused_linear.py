@@ -30,7 +30,7 @@ from torch import Tensor
 
 from fusellm_kernels.functional import PreparedLoss, finish_loss, prepare_loss
 from fusellm_kernels.types import Backend, Divergence, FusionLossParts, Reduction, Strategy
-from fusellm_kernels.validation import FusionInputError
+from fusellm_kernels.validation import FusionInputError, second_backward_error
 
 _CUDA_CHUNK_BYTES = 1 << 30
 _CPU_CHUNK_BYTES = 64 << 20
@@ -173,7 +173,7 @@ class FusedLinearFusionLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_row_loss: Tensor, g_ce, g_d):
         if ctx.spent:
-            raise RuntimeError("fused_linear_fusion_loss can be backpropagated only once per forward")
+            raise second_backward_error("fused_linear_fusion_loss")
         ctx.spent = True
         if ctx.prep.reduction == "none":
             hidden, weight, bias = ctx.saved_tensors

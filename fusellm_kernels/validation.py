@@ -49,6 +49,16 @@ def _fail(msg: str) -> None:
     raise FusionInputError(msg)
 
 
+def second_backward_error(loss: str) -> RuntimeError:
+    """The one error of every loss backend for a second backward through the same forward
+    (`retain_graph=True`): the gradient is made (and on the Triton paths finished in place)
+    once, so a second pass would return a spent or doubled gradient."""
+    return RuntimeError(
+        f"{loss}: the backward can run only once per forward; recompute the loss instead of "
+        "calling backward again with retain_graph=True"
+    )
+
+
 def _rows(name: str, x: Tensor, batch_shape: tuple[int, ...], n: int, device: torch.device) -> Tensor:
     if tuple(x.shape) not in (batch_shape, (n,)):
         _fail(f"{name} has shape {tuple(x.shape)}; expected {batch_shape} (one value per logits row)")
@@ -119,6 +129,8 @@ def prepare_fusion_inputs(
     """Check and flatten the inputs of a loss whose rows have shape `row_shape` ((N,) or (B, T))."""
     if len(row_shape) not in (1, 2):
         _fail(f"logits must be [N, V] or [B, T, V]; got {len(row_shape) + 1} dimensions")
+    if vocab_size < 1:
+        _fail(f"the vocabulary is empty (V = {vocab_size}); logits need at least one column (lm_head weight at least one row)")
     n = 1
     for d in row_shape:
         n *= d
@@ -182,9 +194,12 @@ def _check_values(
         row = int((seg[1:] < seg[:-1]).nonzero()[0, 0]) + 1
         _fail(f"segment_ids must be non-decreasing: segment_ids[{row}] = {int(seg[row])} < segment_ids[{row - 1}] = {int(seg[row - 1])}")
     scored = labels != ignore_index
-    if tce is not None and bool((torch.isnan(tce) & scored).any()):
-        s, row = (int(i) for i in (torch.isnan(tce) & scored).nonzero()[0])
-        _fail(f"teacher_ce[{s}, {row}] is NaN; CE scores must be numbers (mask the row with ignore_index instead)")
-    if sw is not None and bool((torch.isnan(sw) | (sw < 0)).any()):
-        s, row = (int(i) for i in (torch.isnan(sw) | (sw < 0)).nonzero()[0])
-        _fail(f"source_weights[{s}, {row}] = {float(sw[s, row])}; weights must be >= 0 and not NaN")
+    # +inf is a legal score (each strategy's formula decides its weight); NaN and -inf have no meaning
+    bad_ce = None if tce is None else (torch.isnan(tce) | (tce == float("-inf"))) & scored
+    if bad_ce is not None and bool(bad_ce.any()):
+        s, row = (int(i) for i in bad_ce.nonzero()[0])
+        value = "NaN" if bool(torch.isnan(tce[s, row])) else "-inf"
+        _fail(f"teacher_ce[{s}, {row}] is {value}; CE scores must be numbers or +inf (mask the row with ignore_index instead)")
+    if sw is not None and bool((~torch.isfinite(sw) | (sw < 0)).any()):
+        s, row = (int(i) for i in (~torch.isfinite(sw) | (sw < 0)).nonzero()[0])
+        _fail(f"source_weights[{s}, {row}] = {float(sw[s, row])}; weights must be finite and >= 0")

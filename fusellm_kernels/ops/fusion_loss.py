@@ -12,6 +12,8 @@ Notation for one row (z ∈ R^V the student logits, q = softmax(z), lse = log Σ
   loss row ℓ = a·CE + b·D, with a = ce_coef·[label ≠ ignore] and
       b = f_coef·[fusion_mask and Σ_{s∈A} w_s > 0]; the launcher's caller folds λ, 1 − λ and
       the mean's 1/count into ce_coef and f_coef (device scalars: no host sync).
+      A label outside [0, V) that is not ignore makes CE and a NaN: the row's loss and whole
+      gradient are NaN.
 Gradient (both divergences, since Σ_v P_v = 1):
   ∂ℓ/∂z_v = (a + b)·q_v − a·[v = label] − b·P_v
 
@@ -31,6 +33,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fusellm_kernels.ops._numerics import needs_rne_bf16, to_stored_dtype
+from fusellm_kernels.validation import second_backward_error
 
 
 @triton.jit
@@ -118,10 +121,14 @@ def _fusion_loss_kernel(
             z_label = tl.load(z_row + label, mask=label_ok, other=0.0).to(tl.float32)
             e_z = tl.load(z_row + e_ids, mask=e_keep, other=0.0).to(tl.float32)
             a = tl.where(ce_on, tl.load(ce_coef_ptr).to(tl.float32), 0.0)
+            # a label outside [0, V) (not ignore_index): NaN in a spreads to the row's loss and
+            # every entry of its gradient, visible with no host sync (validate=True names it)
+            a = tl.where(ce_on & (label_ok == 0), float("nan"), a)
             b = tl.where(has_f, tl.load(f_coef_ptr).to(tl.float32), 0.0)
             if not BACKWARD:
                 # ---- loss terms ----
                 ce = tl.where(ce_on, lse - z_label, 0.0)
+                ce = tl.where(ce_on & (label_ok == 0), float("nan"), ce)
                 d = tl.sum(tl.where(e_keep, e_P * (lse - e_z), 0.0), axis=0)
                 if KL:
                     merged = tl.sum(tl.where(same_id, e_P[None, :], 0.0), axis=1)  # P at id_e
@@ -327,11 +334,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, g_row_loss, g_ce, g_d, g_lse, g_grad):
-    if ctx.spent:
-        raise RuntimeError(
-            "fusion_loss computes its gradient in the forward and finishes it in place, so its backward "
-            "can run only once; recompute the loss instead of using retain_graph=True"
-        )
+    if ctx.spent:  # the gradient was made in the forward and finished in place: it is spent
+        raise second_backward_error("fusion_loss")
     ctx.spent = True
     grad, *saved = ctx.saved_tensors
     temperature, ignore_index = ctx.options
@@ -363,7 +367,7 @@ class InplaceFusionLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_row_loss, g_ce, g_d):
         if ctx.spent:
-            raise RuntimeError("fusion_loss(inplace_backward=True) can be backpropagated only once")
+            raise second_backward_error("fusion_loss(inplace_backward=True)")
         ctx.spent = True
         (grad,) = ctx.saved_tensors
         scale_rows_(grad, g_row_loss)

@@ -6,6 +6,8 @@ Math (g a segment of rows with equal segment id, m_n = [label_n ≠ ignore_index
     avg_ce:      w_s(g) = softmax_s(exp(−CE_s(g)))          (the original's formula)
     softmin_ce:  w_s(g) = softmax_s(−CE_s(g) / ce_temperature)
 A segment with no labelled row gets w = 0 (no fusion term). Every row of g receives w(g).
+A +inf score gets weight 0 under min_ce and softmin_ce, and when every candidate scores +inf
+both give w = 0 (no fusion term); avg_ce follows its formula (exp(−inf) = 0, a weight > 0).
 No gradient: the weights are a function of the teachers' scores only.
 
 One program owns one segment: the program whose row starts a segment walks it block by block
@@ -61,14 +63,18 @@ def _segment_weights_kernel(
             best = tl.min(tl.where(s_ok, mean_ce, float("inf")), axis=0)
             first = tl.min(tl.where(s_ok & (mean_ce == best), s_idx, S_P), axis=0)
             w = (s_idx == first).to(tl.float32)
+            w = tl.where(best < float("inf"), w, 0.0)  # every candidate +inf: nothing to pick
         else:
             if STRATEGY == 1:
                 score = tl.exp(-mean_ce)
             else:
                 score = -mean_ce * inv_ce_temperature
             score = tl.where(s_ok, score, float("-inf"))
-            e = tl.exp(score - tl.max(score, axis=0))
-            w = e / tl.sum(e, axis=0)
+            top = tl.max(score, axis=0)
+            # every candidate +inf (softmin): all e are 0 and so is w, the segment has no fusion term
+            e = tl.exp(score - tl.where(top > float("-inf"), top, 0.0))
+            total = tl.sum(e, axis=0)
+            w = e / tl.where(total > 0, total, 1.0)
         w = tl.where(s_ok, w, 0.0)
         w = tl.where(n_scored > 0, w, 0.0)
         start = row

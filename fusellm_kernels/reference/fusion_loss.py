@@ -56,7 +56,9 @@ def candidate_weights(
     """Candidate weights per row, w [S, N]: one decision per segment (rows of equal segment id).
 
     A segment's CE score per candidate is the mean of `teacher_ce` over its labelled rows; a
-    segment without a labelled row gets all-zero weights (it has no fusion term).
+    segment without a labelled row gets all-zero weights (it has no fusion term). A +inf score
+    gets weight 0 from `min_ce` (never the minimum unless all are +inf) and `softmin_ce`
+    (softmax of −inf); `avg_ce` gives it softmax's weight of exp(−inf) = 0, which is not 0.
     """
     if strategy == "weights":
         assert source_weights is not None
@@ -71,6 +73,8 @@ def candidate_weights(
         if not bool(scored.any()):
             continue
         ce = teacher_ce[:, scored].to(dtype).mean(dim=1)  # [S]
+        if strategy in ("min_ce", "softmin_ce") and bool((ce == float("inf")).all()):
+            continue  # every candidate scores +inf: none is preferred, the segment has no fusion term
         if strategy == "min_ce":
             ws = torch.zeros_like(ce)
             ws[torch.argmin(ce)] = 1.0  # argmin returns the first minimum: ties to the lowest s

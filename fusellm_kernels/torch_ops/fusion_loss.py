@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fusellm_kernels.validation import second_backward_error
+
 _CHUNK_BYTES = 64 << 20
 
 
@@ -41,14 +43,19 @@ def _chunk_rows(v: int) -> int:
 
 class TorchFusionLossFunction(torch.autograd.Function):
     """Inputs: logits [N, V]; labels [N]; entry_ids, entry_p [N, E]; has_teacher, fusion_mask [N];
-    ce_coef, f_coef float32 scalars. Outputs row_loss, ce_row, d_row float32 [N]."""
+    ce_coef, f_coef float32 scalars. Outputs row_loss, ce_row, d_row float32 [N].
+
+    A label outside [0, V) that is not ignore_index makes its row's CE, loss and gradient NaN
+    (as the kernel does): visible in the loss without a host sync; `validate=True` names it.
+    """
 
     @staticmethod
     def forward(ctx, logits, labels, entry_ids, entry_p, has_teacher, fusion_mask, ce_coef, f_coef, ignore_index: int, kl: bool):
         n, v = logits.shape
         ce_on = labels != ignore_index
+        bad_label = ce_on & ((labels < 0) | (labels >= v))
         has_f = fusion_mask & has_teacher
-        safe_labels = torch.where(ce_on, labels, 0).long()
+        safe_labels = torch.where(ce_on & ~bad_label, labels, 0).long()
         lse = logits.new_empty(n, dtype=torch.float32)
         ce_row = logits.new_zeros(n, dtype=torch.float32)
         d_row = logits.new_zeros(n, dtype=torch.float32)
@@ -63,24 +70,33 @@ class TorchFusionLossFunction(torch.autograd.Function):
             ce_row[r] = lse[r] - z.gather(1, safe_labels[r, None])[:, 0]
             d_row[r] = (entry_p[r] * (lse[r, None] - z.gather(1, entry_ids[r]))).sum(-1)
         ce_row = torch.where(ce_on, ce_row, 0.0)
+        ce_row = torch.where(bad_label, float("nan"), ce_row)
         if kl:
             d_row = d_row + entropy
         d_row = torch.where(has_f, d_row, 0.0)
-        a = torch.where(ce_on, ce_coef, 0.0)
+        # a NaN coefficient carries a bad label's NaN into every entry of the row's gradient
+        a = torch.where(bad_label, float("nan"), torch.where(ce_on, ce_coef, 0.0))
         b = torch.where(has_f, f_coef, 0.0)
         ctx.save_for_backward(logits, lse, safe_labels, entry_ids, entry_p, a, b)
         ctx.mark_non_differentiable(ce_row, d_row)
+        ctx.spent = False
         return a * ce_row + b * d_row, ce_row, d_row
 
     @staticmethod
     def backward(ctx, g_row_loss, g_ce, g_d):
+        # The gradient is one pass like the Triton path's, and refused twice alike, so that
+        # code tested on CPU behaves the same on CUDA.
+        if ctx.spent:
+            raise second_backward_error("fusion_loss")
+        ctx.spent = True
         logits, lse, labels, entry_ids, entry_p, a, b = ctx.saved_tensors
         n, v = logits.shape
         grad = torch.empty_like(logits)
         # Merge duplicate ids (and the label) so every position gets one correction: the
         # scatter is then order-independent and the result deterministic.
         same = entry_ids[:, :, None] == entry_ids[:, None, :]
-        first = ~(same & torch.ones_like(same[0]).tril(-1)).any(-1)
+        earlier = torch.ones(same.shape[1:], dtype=torch.bool, device=same.device).tril(-1)  # also for N = 0
+        first = ~(same & earlier).any(-1)
         coef = (same * entry_p[:, None, :]).sum(-1) * b[:, None]
         coef = coef + (entry_ids == labels[:, None]) * a[:, None]
         coef = torch.where(first, coef, 0.0)
