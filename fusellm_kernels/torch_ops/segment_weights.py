@@ -56,6 +56,7 @@ def segment_weights_torch(
     rows = torch.arange(n, device=labels.device)
     is_end = torch.cat([segment_ids[1:] != segment_ids[:-1], scored.new_ones(1)])
     end = torch.cummin(torch.where(is_end, rows, n - 1).flip(0), 0).values.flip(0)
-    count = _segment_totals(scored.double(), segment_ids, end)
-    mean_ce = (_segment_totals(ce, segment_ids, end) / count.clamp_min(1)).float()
+    totals = _segment_totals(torch.cat([ce, scored.double()[None]]), segment_ids, end)  # one scan: S sums, the count
+    count = totals[-1]
+    mean_ce = (totals[:-1] / count.clamp_min(1)).float()
     return torch.where(count > 0, weights_from_scores(mean_ce, strategy, ce_temperature), 0.0)
