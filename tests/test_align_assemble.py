@@ -69,7 +69,7 @@ def test_alignment_manifest_and_maps(stores, aligned):
     assert m["target"]["conventions"]["marker"] == "Ġ" and m["source"]["conventions"]["marker"] == "▁"
     assert 0.1 < m["counts"]["aligned_fraction"] <= 1.0  # tiny, differently trained tokenizers
     assert sorted(al.doc_ids()) == sorted(target.doc_ids())
-    vmap = torch.load(aligned["soft"] / m["vocab_map"])
+    vmap = torch.load(aligned["soft"] / m["vocab_map"], weights_only=True)
     assert vmap.dtype == torch.int32 and vmap.numel() == TeacherStore(stores / "source").manifest["model"]["logits_size"]
     for doc_id in target.doc_ids()[:6]:
         rec, amap = target.get(doc_id), al.get(doc_id)
@@ -88,9 +88,9 @@ def test_batches_reproduce_transform_step_logits(stores, aligned):
                                 block_len=64, score="reference", progress=False))
     bs = BlockStore(blocks_dir)
     target, source = TeacherStore(stores / "target"), TeacherStore(stores / "source")
-    ttok = load_tokenizer(target.manifest["tokenizer"]["path"])
-    stok = load_tokenizer(source.manifest["tokenizer"]["path"])
-    vmap = torch.load(aligned["hard"] / "vocab_map.pt")
+    ttok = load_tokenizer(str(target.path_of("tokenizer")))
+    stok = load_tokenizer(str(source.path_of("tokenizer")))
+    vmap = torch.load(aligned["hard"] / "vocab_map.pt", weights_only=True)
     blocks = [bs[i] for i in range(min(len(bs), 4))]
     batch = build_batch(blocks, [target, source], [None, vmap], weighting="document")
     checked = 0
@@ -174,7 +174,7 @@ def test_reference_block_score_is_the_originals(stores, aligned):
 def test_training_batch_feeds_the_loss(stores, aligned):
     bs = BlockStore(stores / "blocks")
     target, source = TeacherStore(stores / "target"), TeacherStore(stores / "source")
-    vmap = torch.load(aligned["soft"] / "vocab_map.pt")
+    vmap = torch.load(aligned["soft"] / "vocab_map.pt", weights_only=True)
     for weighting in ("block", "document", "token"):
         batch = build_batch([bs[0], bs[1]], [target, source], [None, vmap], weighting=weighting)
         v = int(target.manifest["model"]["logits_size"])
@@ -240,7 +240,7 @@ def test_cli_align_and_assemble(stores, tmp_path, capsys):
 def test_reference_empty_rows_take_the_targets_distribution(stores, aligned):
     bs = BlockStore(stores / "blocks")
     target, source = TeacherStore(stores / "target"), TeacherStore(stores / "source")
-    vmap = torch.full_like(torch.load(aligned["soft"] / "vocab_map.pt"), -1)  # nothing maps: every aligned row is empty
+    vmap = torch.full_like(torch.load(aligned["soft"] / "vocab_map.pt", weights_only=True), -1)  # nothing maps: every aligned row is empty
     plain = build_batch([bs[0]], [target, source], [None, vmap])
     ref = build_batch([bs[0]], [target, source], [None, vmap], empty_to_target=True)
     aligned_rows = bs[0].source_pos[1].reshape(-1) >= 0

@@ -385,8 +385,8 @@ def test_reference_preset_loss_equals_original(smoke, tmp_path, strategy):
     run_assemble(AssembleConfig(target=str(root / "teacher" / "target"), sources=tuple(aligns), output=str(tmp_path / "blocks"),
                                 block_len=cfg.block_len, score=ref.score, labels=ref.labels, progress=False))
     blocks = BlockStore(tmp_path / "blocks")
-    stores = [TeacherStore(c["store"]) for c in blocks.candidates]
-    maps = [None] + [torch.load(c["vocab_map"]) for c in blocks.candidates[1:]]
+    stores = [TeacherStore(blocks.candidate_path(i, "store")) for i in range(len(blocks.candidates))]
+    maps = [None] + [torch.load(blocks.candidate_path(i, "vocab_map"), weights_only=True) for i in range(1, len(blocks.candidates))]
     batch = build_batch([blocks[0], blocks[1]], stores, maps, weighting=ref.weighting, backend="torch",
                         empty_to_target=True)  # the original: an aligned row with no mapped id takes the target's
     v = int(blocks.manifest["target_vocab_size"])

@@ -19,7 +19,7 @@ from fusellm_kernels.store import StoreError, TeacherStore
 from fusellm_kernels.store.alignment import DocAlignment, write_alignment_manifest, write_alignment_shard
 from fusellm_kernels.store.blocks import BlockStore
 from fusellm_kernels.store.format import ShardArrays, StoreEncoding, write_shard, write_teacher_manifest
-from fusellm_kernels.store.manifest import ShardInfo
+from fusellm_kernels.store.manifest import ShardInfo, sha256_file
 from fusellm_kernels.store.records import DocIndex
 
 BLOCK = 8
@@ -75,7 +75,8 @@ def _write_alignment(root: Path, g: torch.Generator) -> None:
     write_alignment_manifest(root, [info], {
         "target": {"path": str(root.parent / "target"), "corpus_fingerprint": "synthetic", "settings_hash": "target-settings"},
         "source": {"path": str(root.parent / "source"), "corpus_fingerprint": "synthetic", "settings_hash": "source-settings"},
-        "vocab_map": "vocab_map.pt", "settings": {"reference": True}, "settings_hash": "align-settings"})
+        "vocab_map": "vocab_map.pt", "vocab_map_sha256": sha256_file(root / "vocab_map.pt"),
+        "settings": {"reference": True}, "settings_hash": "align-settings"})
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +171,7 @@ def test_shifted_labels_reach_the_loss_unchanged(inputs, tmp_path):
     bs = _assemble(inputs, tmp_path / "blocks", score="reference", labels="shifted-block")
     stores = [TeacherStore(inputs / "target"), TeacherStore(inputs / "source")]
     blocks = [bs[i] for i in range(len(bs))]
-    batch = build_batch(blocks, stores, [None, torch.load(inputs / "align" / "vocab_map.pt")], weighting="block")
+    batch = build_batch(blocks, stores, [None, torch.load(inputs / "align" / "vocab_map.pt", weights_only=True)], weighting="block")
     assert torch.equal(batch.labels, torch.stack([blk.labels for blk in blocks]).long())
     w = candidate_row_weights(batch.teacher_ce, batch.labels.reshape(-1), batch.segment_ids, None, strategy="min_ce",
                               ce_temperature=1.0, ignore_index=-100, use_triton=False).reshape(2, len(blocks), BLOCK)

@@ -86,6 +86,8 @@ class TrainConfig:
     resume: bool = _opt(True, "continue from the newest checkpoint in OUTPUT/checkpoints when there is one")
     progress: bool = _opt(True, "progress bar on rank 0")
     plot: bool = _opt(True, "draw OUTPUT/curves.png from the metrics log at the end")
+    verify: bool = _opt(True, "check each block, teacher-store and vocab-map file against its manifest's SHA-256 before "
+                              "its first use, once per process; --no-verify skips that (unsafe: a damaged file trains silently)")
 
     # ------------------------------------------------------------------ validation
     def validate(self, world_size: int = 1) -> TrainConfig:

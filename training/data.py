@@ -27,7 +27,8 @@ import torch
 from fusellm_kernels.pipeline.batches import TrainBatch, _positions, build_batch  # one definition of restarting positions
 from fusellm_kernels.store.blocks import Block, BlockStore
 from fusellm_kernels.store.format import TeacherStore
-from fusellm_kernels.store.manifest import StoreError
+from fusellm_kernels.store.lock import LockSet
+from fusellm_kernels.store.manifest import StoreError, verify_file
 
 
 class DataError(StoreError):
@@ -81,9 +82,11 @@ class TrainData:
     empty_to_target: bool = False        # alignments made with --reference: the original's rule for empty rows
 
 
-def _load_vocab_map(path: Path, source_vocab: int, target_vocab: int) -> torch.Tensor:
+def _load_vocab_map(path: Path, source_vocab: int, target_vocab: int, sha256: str | None = None) -> torch.Tensor:
     if not path.exists():
         raise DataError(f"vocab map {path} (named in the blocks manifest) is missing")
+    if sha256 is not None:  # the map `fusellm align` aligned with, not one replaced since
+        verify_file(path, sha256, None, kind="alignment")
     m = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(m, torch.Tensor) or m.dim() != 1 or m.dtype not in (torch.int32, torch.int64):
         raise DataError(f"vocab map {path} must hold a 1-D int32 tensor (source id -> target id)")
@@ -94,10 +97,44 @@ def _load_vocab_map(path: Path, source_vocab: int, target_vocab: int) -> torch.T
     return m.int()
 
 
+def check_tokenizer(blocks: BlockStore, model: str, flag: str = "--model") -> None:
+    """Refuse a model whose tokenizer did not make the blocks' target ids (candidate 0's
+    fingerprint, recorded by `fusellm assemble`). A model folder without tokenizer files
+    cannot be checked: a warning says so."""
+    from fusellm_kernels.pipeline.teacher_pass import TOKENIZER_FILES, tokenizer_fingerprint
+
+    recorded = blocks.candidates[0].get("tokenizer_fingerprint") if blocks.candidates else None
+    if recorded is None:
+        return  # blocks from before fingerprints were recorded
+    if not any((Path(model) / name).exists() for name in TOKENIZER_FILES):
+        import warnings
+
+        warnings.warn(f"{flag} {model} holds no tokenizer files, so it cannot be checked against the tokenizer that "
+                      f"made {blocks.root}", UserWarning, stacklevel=2)
+        return
+    found = tokenizer_fingerprint(model)
+    if found != recorded:
+        raise DataError(f"{flag} {model}: its tokenizer (fingerprint {found}) did not make the blocks in {blocks.root} "
+                        f"(made with {recorded}, the target model {blocks.candidates[0].get('name')}); give the target "
+                        "model these blocks were assembled for, or assemble blocks for this model")
+
+
+def _candidate_store(blocks: BlockStore, i: int, data: str) -> Path:
+    path = blocks.candidate_path(i, "store")
+    assert path is not None
+    if blocks.format_version < 2 and not path.is_absolute() and not path.exists():
+        path = Path(data) / path  # version 1: stores may be named relative to the blocks
+    return path
+
+
 def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, model_vocab: int, fusion: bool,
-              cache_shards: int = 4) -> TrainData:
-    """Open and cross-check the blocks, stores and vocab maps (no block is read yet)."""
-    blocks = BlockStore(data)
+              cache_shards: int = 4, verify: bool = True, locks: LockSet | None = None) -> TrainData:
+    """Open and cross-check the blocks, stores and vocab maps (no block is read yet).
+    verify: check each file's SHA-256 before its first use, once per process (`--no-verify`
+    skips it, unsafe). locks: rank 0's `LockSet`; the stores read are locked shared."""
+    if locks is not None:
+        locks.read(data)
+    blocks = BlockStore(data, verify=verify)
     manifest = Path(data) / "manifest.json"
     if blocks.block_len != seq_len:
         raise DataError(f"{manifest} has block_len {blocks.block_len} but --seq-len is {seq_len}; set --seq-len {blocks.block_len}")
@@ -110,10 +147,10 @@ def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, mod
         if not blocks.candidates:
             raise DataError(f"{manifest} names no candidates; fusion needs at least the target model's teacher store")
         for i, cand in enumerate(blocks.candidates):
-            store_path = Path(cand["store"])
-            if not store_path.is_absolute() and not store_path.exists():
-                store_path = Path(data) / store_path  # stores may be named relative to the blocks
-            store = TeacherStore(store_path, verify=False)
+            store_path = _candidate_store(blocks, i, data)
+            if locks is not None:
+                locks.read(store_path)
+            store = TeacherStore(store_path, verify=verify)
             num_ids = int(store.manifest["num_ids"])
             if i == 0 and num_ids > model_vocab:
                 raise DataError(f"{store_path / 'manifest.json'}: the target's store holds ids up to {num_ids - 1}, "
@@ -121,7 +158,9 @@ def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, mod
             vm = cand.get("vocab_map")
             if i > 0 and not vm:
                 raise DataError(f"{manifest}: candidate {i} ({names[i]}) has no vocab_map; every source needs one")
-            maps.append(_load_vocab_map(Path(vm), num_ids, model_vocab) if vm else None)
+            vm_path = blocks.candidate_path(i, "vocab_map")
+            maps.append(_load_vocab_map(vm_path, num_ids, model_vocab, cand.get("vocab_map_sha256") if verify else None)
+                        if vm_path else None)
             stores.append(store)
             # a store from another corpus (or a partial one) rarely covers the blocks' document ids
             lo = min((sh.first_doc_id for sh in store.shards), default=0)
@@ -138,7 +177,9 @@ def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, mod
     n = len(blocks)
     reader = BlockReader(blocks, cache_shards + 1)
     if eval_data:
-        eval_store = BlockStore(eval_data)
+        if locks is not None:
+            locks.read(eval_data)
+        eval_store = BlockStore(eval_data, verify=verify)
         if eval_store.block_len != seq_len:
             raise DataError(f"{Path(eval_data) / 'manifest.json'} has block_len {eval_store.block_len}, not --seq-len {seq_len}")
         eval_blocks: BlockReader | None = BlockReader(eval_store, 1)  # read in order

@@ -19,7 +19,7 @@ import torch
 
 from fusellm_kernels.store.blocks import BlockShard, write_block_shard, write_blocks_manifest
 from fusellm_kernels.store.format import ShardArrays, StoreEncoding, write_shard, write_teacher_manifest
-from fusellm_kernels.store.manifest import ShardInfo
+from fusellm_kernels.store.manifest import ShardInfo, record_path, sha256_file
 from fusellm_kernels.store.records import DocIndex
 
 
@@ -70,7 +70,8 @@ def write_synthetic_run(root: str | Path, spec: SyntheticSpec = SyntheticSpec())
     g = torch.Generator().manual_seed(spec.seed)
     lengths = torch.randint(spec.min_len, spec.max_len + 1, (spec.num_docs,), generator=g).tolist()
     target_docs = [torch.randint(3, spec.vocab, (n,), generator=g) for n in lengths]
-    candidates = [{"name": "target", "store": str(root / "stores/target")}]
+    blocks = root / "blocks"  # the manifest records paths relative to itself, as `fusellm assemble` does
+    candidates = [{"name": "target", "store": record_path(root / "stores/target", blocks)}]
     nll = [_store(root / "stores/target", target_docs, spec.vocab, spec.k, g)]
     source_lengths: list[list[int]] = []
     for s, v in enumerate(spec.source_vocabs, start=1):
@@ -82,10 +83,12 @@ def write_synthetic_run(root: str | Path, spec: SyntheticSpec = SyntheticSpec())
         vocab_map[torch.rand(v, generator=g) < 0.1] = -1  # source tokens without a target counterpart
         (root / "maps").mkdir(parents=True, exist_ok=True)
         torch.save(vocab_map, root / f"maps/source{s}.pt")
-        candidates.append({"name": f"source{s}", "store": str(root / f"stores/source{s}"), "vocab_map": str(root / f"maps/source{s}.pt")})
+        candidates.append({"name": f"source{s}", "store": record_path(root / f"stores/source{s}", blocks),
+                           "vocab_map": record_path(root / f"maps/source{s}.pt", blocks),
+                           "vocab_map_sha256": sha256_file(root / f"maps/source{s}.pt")})
         source_lengths.append(lens)
     doc_ce = torch.tensor([[float(x[:-1].mean()) if len(x) > 1 else 0.0 for x in per_doc] for per_doc in nll])  # [S, D]
-    return _write_blocks(root / "blocks", spec, target_docs, source_lengths, nll, doc_ce, candidates, g)
+    return _write_blocks(blocks, spec, target_docs, source_lengths, nll, doc_ce, candidates, g)
 
 
 def _write_blocks(out: Path, spec: SyntheticSpec, docs: list[torch.Tensor], source_lengths: list[list[int]],

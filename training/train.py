@@ -44,9 +44,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from fusellm_kernels.store.lock import LockedError, LockSet, confirm_holder
+from fusellm_kernels.store.manifest import StoreError
 from training.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, check_resume_compatible
-from training.data import BlockSampler, Prefetcher, TrainData, make_batch, open_data
+from training.data import BlockSampler, Prefetcher, TrainData, check_tokenizer, make_batch, open_data
 from training.metrics import MetricsLog, peak_memory_gib, plot_curves
 from training.parallel import (
     Dist, FusionLM, build_model, close_distributed, full_state_dict, init_distributed, model_flops_per_token, peak_flops,
@@ -63,13 +65,41 @@ def train(cfg: TrainConfig, on_step: Callable[[int, int], None] | None = None) -
     on_step(step, total), if given, is called on rank 0 after each optimiser step (a caller's
     own progress display, e.g. the main job's, which trains several runs at once)."""
     d = init_distributed(cfg.device)
+    locks = LockSet("fusellm train")
     try:
-        return _train(cfg.validate(d.world), d, on_step)
+        cfg = cfg.validate(d.world)
+        _lock_output(cfg, d, locks)
+        return _train(cfg, d, on_step, locks)
     finally:
+        locks.release()
         close_distributed(d)
 
 
-def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None) -> dict[str, Any]:
+def _lock_output(cfg: TrainConfig, d: Dist, locks: LockSet) -> None:
+    """One job per run directory: rank 0 locks it, every other rank checks that the lock
+    names this job, and all ranks raise together when any check fails."""
+    err = None
+    if d.is_main:
+        try:
+            locks.write(cfg.output)
+        except StoreError as e:
+            err = str(e)
+    box: list[Any] = [err, locks.job_id]
+    if d.world > 1:
+        dist.broadcast_object_list(box, src=0)
+        if not d.is_main:
+            try:
+                confirm_holder(cfg.output, box[1])
+            except StoreError as e:
+                err = str(e)
+        found: list[Any] = [None] * d.world
+        dist.all_gather_object(found, err)
+        err = next((e for e in found if e), None)
+    if err:
+        raise LockedError(err)
+
+
+def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None, locks: LockSet) -> dict[str, Any]:
     from transformers import AutoConfig
 
     out = Path(cfg.output)
@@ -84,7 +114,11 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None
 
     # 1. Data first: a missing or mismatched store fails here, before the model is loaded.
     data = open_data(cfg.data, cfg.eval_data, cfg.eval_holdout, seq_len=cfg.seq_len,
-                     model_vocab=int(model_config.vocab_size), fusion=fusion, cache_shards=cfg.shuffle_window)
+                     model_vocab=int(model_config.vocab_size), fusion=fusion, cache_shards=cfg.shuffle_window,
+                     verify=cfg.verify, locks=locks if d.is_main else None)
+    check_tokenizer(data.blocks.store, cfg.model)
+    if data.eval_blocks is not None and data.eval_blocks is not data.blocks:
+        check_tokenizer(data.eval_blocks.store, cfg.model)
     if fusion and cfg.strategy == "weights" and len(cfg.source_weights) != len(data.names):
         raise ConfigError(f"--source-weights has {len(cfg.source_weights)} values but the blocks have "
                           f"{len(data.names)} candidates {data.names}")
@@ -115,7 +149,7 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, steps_total, cfg.min_lr_ratio))
     state = TrainState(model, optimizer, scheduler, sampler)
     if resume_from is not None:
-        load_checkpoint(resume_from, state)
+        load_checkpoint(resume_from, state, verify=cfg.verify)
     if d.is_main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "config.json")
@@ -309,6 +343,8 @@ def evaluate_model(model_path: str, data_path: str, *, seq_len: int = 0, micro_b
                           micro_batch=micro_batch, global_batch=micro_batch * d.world, eval_batches=eval_batches,
                           attention=attention, attn_implementation=attn_implementation, mode="clm").validate(d.world)
         data = open_data(cfg.data, cfg.eval_data, 0, seq_len=cfg.seq_len, model_vocab=1 << 62, fusion=False)
+        assert data.eval_blocks is not None
+        check_tokenizer(data.eval_blocks.store, model_path)
         param_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
         model = build_model(model_path, d, loss_options=dict(strategy="weights", lam=1.0, reduction="sum", return_parts=True),
                             attn_implementation=attn_implementation, attention=attention, param_dtype=param_dtype,

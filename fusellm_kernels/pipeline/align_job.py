@@ -14,7 +14,6 @@ fraction of target rows that got a real teacher distribution.
 """
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,14 +24,17 @@ import torch
 from fusellm_kernels.pipeline.summary import RunSummary
 from fusellm_kernels.store.alignment import DocAlignment, write_alignment_manifest, write_alignment_shard
 from fusellm_kernels.store.format import TeacherStore
+from fusellm_kernels.store.lock import LockSet, clear_directory
 from fusellm_kernels.store.manifest import (
     ShardInfo,
     StoreError,
     check_same_settings,
     read_json,
+    record_path,
     settings_hash,
-    sha256_file,
+    sha256_bytes,
     verify_file,
+    write_bytes_atomic,
     write_json_atomic,
 )
 
@@ -51,6 +53,7 @@ class AlignConfig:
     workers: int = 1
     overwrite: bool = False
     progress: bool = True
+    verify: bool = True  # check every input shard's SHA-256 before its first use (--no-verify: unsafe)
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -65,9 +68,26 @@ class AlignConfig:
 
 
 def _tokenizer(store: TeacherStore) -> Any:
+    """The tokenizer that made the store, refused when its files changed since: a swapped
+    tokenizer would align against ids it never produced."""
     from fusellm_kernels.pipeline.corpus import load_tokenizer
+    from fusellm_kernels.pipeline.teacher_pass import tokenizer_fingerprint
 
-    return load_tokenizer(store.manifest["tokenizer"]["path"])
+    path = store.path_of("tokenizer")
+    if not path.exists():
+        raise StoreError(f"the tokenizer {path} that made the teacher store {store.root} does not exist (any more); "
+                         "restore it there or run `fusellm teacher` again")
+    recorded = store.tokenizer_fingerprint
+    found = tokenizer_fingerprint(str(path))
+    if recorded is not None and found != recorded:
+        raise StoreError(f"the tokenizer at {path} is not the one that made the teacher store {store.root} (fingerprint "
+                         f"{found}, recorded {recorded}); restore the original tokenizer files or run `fusellm teacher` "
+                         "again with this one")
+    tok = load_tokenizer(str(path))
+    size = store.manifest["tokenizer"].get("vocab_size")
+    if size is not None and len(tok) != int(size):
+        raise StoreError(f"the tokenizer at {path} has {len(tok)} tokens but made {store.root} with {size}")
+    return tok
 
 
 def _settings(cfg: AlignConfig, target: TeacherStore, source: TeacherStore) -> dict[str, Any]:
@@ -86,15 +106,15 @@ class _Aligner:
         from fusellm_kernels.align import detect_conventions, soft_lookup, vocab_map
 
         self.cfg = cfg
-        self.target = TeacherStore(cfg.target, verify=False)
-        self.source = TeacherStore(cfg.source, verify=False)
+        self.target = TeacherStore(cfg.target, verify=cfg.verify)
+        self.source = TeacherStore(cfg.source, verify=cfg.verify)
         self.target_tok = _tokenizer(self.target)
         self.source_tok = _tokenizer(self.source)
         self.target_conv = detect_conventions(self.target_tok, marker=cfg.target_marker)
         self.source_conv = detect_conventions(self.source_tok, marker=cfg.source_marker)
         vocab_path = Path(cfg.output) / "vocab_map.pt"
         if vocab_path.exists():
-            self.vocab_map = torch.load(vocab_path)
+            self.vocab_map = load_vocab_map(Path(cfg.output))
         else:
             self.vocab_map = vocab_map(
                 self.source_tok.get_vocab(), self.target_tok.get_vocab(),
@@ -132,6 +152,39 @@ class _Aligner:
 
 _WORKER: _Aligner | None = None
 
+VOCAB_MAP_RECORD = "vocab_map.json"  # its SHA-256, written with it: a resume reuses only this map
+
+
+def save_vocab_map(out: Path, vocab_map: torch.Tensor) -> str:
+    """Write vocab_map.pt and its record atomically; returns the map's SHA-256."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(vocab_map, buf)
+    data = buf.getvalue()
+    write_bytes_atomic(out / "vocab_map.pt", data)
+    sha = sha256_bytes(data)
+    write_json_atomic(out / VOCAB_MAP_RECORD, {"file": "vocab_map.pt", "sha256": sha, "size_bytes": len(data)})
+    return sha
+
+
+def load_vocab_map(out: Path) -> torch.Tensor:
+    """The map a resumed align wrote before, checked against its record (tensors only: no
+    pickled objects are ever loaded)."""
+    path, record = out / "vocab_map.pt", out / VOCAB_MAP_RECORD
+    if not record.exists():
+        raise StoreError(f"{path} has no {record.name} beside it (made by an older version, or a killed run); "
+                         "pass --overwrite to align again")
+    info = read_json(record)
+    verify_file(path, info["sha256"], info["size_bytes"], kind="alignment")
+    try:
+        m = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise StoreError(f"{path} cannot be read as a tensor ({e}); pass --overwrite to align again") from None
+    if not isinstance(m, torch.Tensor) or m.dim() != 1:
+        raise StoreError(f"{path} does not hold a 1-D id map; pass --overwrite to align again")
+    return m
+
 
 def _init_worker(cfg: AlignConfig) -> None:
     global _WORKER
@@ -160,26 +213,34 @@ def _done(out: Path, i: int) -> ShardInfo | None:
         return None
     info = ShardInfo.from_json(read_json(sidecar))
     try:
-        verify_file(out / info.file, info.sha256, info.size_bytes)
+        verify_file(out / info.file, info.sha256, info.size_bytes, kind="alignment")
     except StoreError:
         return None  # half-written or damaged: align it again
     return info
 
 
 def run_align(cfg: AlignConfig) -> RunSummary:
+    t0 = time.perf_counter()
+    with LockSet("fusellm align") as locks:
+        locks.read(cfg.target, cfg.source)
+        target = TeacherStore(cfg.target, verify=cfg.verify)
+        source = TeacherStore(cfg.source, verify=cfg.verify)
+        locks.write(cfg.output)  # before --overwrite deletes anything
+        return _run_align(cfg, target, source, t0)
+
+
+def _run_align(cfg: AlignConfig, target: TeacherStore, source: TeacherStore, t0: float) -> RunSummary:
     import multiprocessing as mp
 
     from tqdm.auto import tqdm
 
-    t0 = time.perf_counter()
-    target = TeacherStore(cfg.target, verify=False)
-    source = TeacherStore(cfg.source, verify=False)
     if target.manifest["corpus"]["fingerprint"] != source.manifest["corpus"]["fingerprint"]:
         raise StoreError(f"the target store {cfg.target} and the source store {cfg.source} were made from different "
                          "corpora (fingerprints differ); run both teacher passes on the same `fusellm prepare` output")
     out = Path(cfg.output)
     if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
+        (out / "manifest.json").unlink(missing_ok=True)  # first: a half-cleared directory never looks complete
+        clear_directory(out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     settings = _settings(cfg, target, source)
     spath = out / "settings.json"
@@ -191,9 +252,7 @@ def run_align(cfg: AlignConfig) -> RunSummary:
     aligner = _Aligner(cfg)  # detects conventions (clear errors before any work) and builds the vocab map once
     vocab_path = out / "vocab_map.pt"
     if not vocab_path.exists():
-        tmp = vocab_path.with_suffix(".tmp")
-        torch.save(aligner.vocab_map, tmp)
-        tmp.replace(vocab_path)
+        save_vocab_map(out, aligner.vocab_map)
     shard_docs = [target.shard_index(i).doc_ids.tolist() for i in range(len(target.shards))]
     infos: dict[int, ShardInfo] = {}
     todo = []
@@ -220,13 +279,19 @@ def run_align(cfg: AlignConfig) -> RunSummary:
 
     shards = [infos[i] for i in range(len(shard_docs))]
     manifest = write_alignment_manifest(out, shards, header={
-        "target": {"path": str(target.root), "settings_hash": target.manifest["settings_hash"],
+        "target": {"path": record_path(target.root, out), "settings_hash": target.manifest["settings_hash"],
                    "corpus_fingerprint": target.manifest["corpus"]["fingerprint"],
-                   "tokenizer": target.manifest["tokenizer"]["path"], "conventions": asdict(aligner.target_conv)},
-        "source": {"path": str(source.root), "settings_hash": source.manifest["settings_hash"],
+                   "tokenizer": record_path(target.path_of("tokenizer"), out),
+                   "tokenizer_fingerprint": target.tokenizer_fingerprint,
+                   "conventions": asdict(aligner.target_conv)},
+        "source": {"path": record_path(source.root, out), "settings_hash": source.manifest["settings_hash"],
                    "corpus_fingerprint": source.manifest["corpus"]["fingerprint"],
-                   "tokenizer": source.manifest["tokenizer"]["path"], "conventions": asdict(aligner.source_conv)},
-        "vocab_map": vocab_path.name, "vocab_map_sha256": sha256_file(vocab_path),
+                   "tokenizer": record_path(source.path_of("tokenizer"), out),
+                   "tokenizer_fingerprint": source.tokenizer_fingerprint,
+                   "conventions": asdict(aligner.source_conv)},
+        # the hash of the map this run aligned with (checked against its record above), so a
+        # map replaced after alignment is refused downstream rather than trained on
+        "vocab_map": vocab_path.name, "vocab_map_sha256": read_json(out / VOCAB_MAP_RECORD)["sha256"],
         "vocab_map_mapped_fraction": float((aligner.vocab_map >= 0).float().mean()),
         "settings": settings, "settings_hash": settings_hash(settings),
     })

@@ -43,7 +43,6 @@ rebuilds only the shards whose files are missing or damaged.
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,11 +55,13 @@ from fusellm_kernels.pipeline.summary import RunSummary
 from fusellm_kernels.store.alignment import AlignmentStore
 from fusellm_kernels.store.blocks import BlockShard, write_block_shard, write_blocks_manifest
 from fusellm_kernels.store.format import TeacherStore
+from fusellm_kernels.store.lock import LockSet, clear_directory
 from fusellm_kernels.store.manifest import (
     ShardInfo,
     StoreError,
     check_same_settings,
     read_json,
+    record_path,
     settings_hash,
     verify_file,
     write_json_atomic,
@@ -84,6 +85,7 @@ class AssembleConfig:
     blocks_per_shard: int = 512
     overwrite: bool = False
     progress: bool = True
+    verify: bool = True  # check every input shard's SHA-256 before its first use (--no-verify: unsafe)
 
     def __post_init__(self) -> None:
         if self.block_len < 2:
@@ -129,20 +131,27 @@ def _score(record: TeacherRecord, mode: str) -> float:
     return value
 
 
-def _open_inputs(cfg: AssembleConfig):
-    target = TeacherStore(cfg.target, verify=False)
+def _open_inputs(cfg: AssembleConfig, locks: LockSet):
+    locks.read(cfg.target)
+    target = TeacherStore(cfg.target, verify=cfg.verify)
     corpus_fp = target.manifest["corpus"]["fingerprint"]
     aligns, stores = [], []
     for path in cfg.sources:
-        al = AlignmentStore(path, verify=False)
+        locks.read(path)
+        al = AlignmentStore(path, verify=cfg.verify)
         for role in ("target", "source"):
             if al.manifest[role]["corpus_fingerprint"] != corpus_fp:
                 raise StoreError(f"alignment {path} was made from a {role} store of another corpus than the target store {cfg.target}")
+        # the settings hash covers the store's model and tokenizer fingerprints
         if al.manifest["target"]["settings_hash"] != target.manifest["settings_hash"]:
             raise StoreError(f"alignment {path} was made against another target store than {cfg.target} (settings differ); run `fusellm align` again")
-        src = TeacherStore(al.manifest["source"]["path"], verify=False)
+        src_path = al.path_of("source")
+        locks.read(src_path)
+        src = TeacherStore(src_path, verify=cfg.verify)
         if src.manifest["settings_hash"] != al.manifest["source"]["settings_hash"]:
             raise StoreError(f"the source store {src.root} changed since alignment {path} was made; run `fusellm align` again")
+        if cfg.verify:
+            al.verify_vocab_map()
         aligns.append(al)
         stores.append(src)
     return target, aligns, stores
@@ -221,16 +230,31 @@ def _build_shard(blocks: list[list[_Piece]], target: TeacherStore, aligns, store
     )
 
 
+def _corpus_section(target: TeacherStore, out: Path) -> dict[str, Any]:
+    """The target store's corpus record, its path re-recorded relative to the blocks."""
+    section = dict(target.manifest["corpus"])
+    if "path" in section:
+        section["path"] = record_path(target.path_of("corpus"), out)
+    return section
+
+
 def _shard_name(i: int) -> str:
     return f"blocks-{i:05d}"
 
 
 def run_assemble(cfg: AssembleConfig) -> RunSummary:
     """Plan, build and write the blocks; returns the run summary."""
+    t0 = time.perf_counter()
+    with LockSet("fusellm assemble") as locks:
+        target, aligns, stores = _open_inputs(cfg, locks)
+        locks.write(cfg.output)  # before --overwrite deletes anything
+        return _run_assemble(cfg, target, aligns, stores, t0)
+
+
+def _run_assemble(cfg: AssembleConfig, target: TeacherStore, aligns: list[AlignmentStore], stores: list[TeacherStore],
+                  t0: float) -> RunSummary:
     from tqdm.auto import tqdm
 
-    t0 = time.perf_counter()
-    target, aligns, stores = _open_inputs(cfg)
     out = Path(cfg.output)
     settings = {
         "target_settings": target.manifest["settings_hash"],
@@ -238,7 +262,8 @@ def run_assemble(cfg: AssembleConfig) -> RunSummary:
         "block_len": cfg.block_len, "score": cfg.score, "labels": cfg.labels, "blocks_per_shard": cfg.blocks_per_shard,
     }
     if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
+        (out / "manifest.json").unlink(missing_ok=True)  # first: a half-cleared directory never looks complete
+        clear_directory(out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     spath = out / "settings.json"
     if spath.exists():
@@ -275,7 +300,7 @@ def run_assemble(cfg: AssembleConfig) -> RunSummary:
         if sidecar.exists():
             info = ShardInfo.from_json(read_json(sidecar))
             try:
-                verify_file(out / info.file, info.sha256, info.size_bytes)
+                verify_file(out / info.file, info.sha256, info.size_bytes, kind="blocks")
                 infos.append(info)
                 continue
             except StoreError:
@@ -290,15 +315,20 @@ def run_assemble(cfg: AssembleConfig) -> RunSummary:
         write_json_atomic(sidecar, info.to_json())
         infos.append(info)
 
-    candidates = [{"name": target.manifest["model"]["path"], "store": str(target.root), "vocab_map": None,
+    # paths relative to this manifest; each candidate's tokenizer fingerprint (train and eval
+    # compare the model's against candidate 0's) and the vocab map's hash (train verifies it)
+    candidates = [{"name": str(target.path_of("model")), "store": record_path(target.root, out), "vocab_map": None,
+                   "tokenizer_fingerprint": target.tokenizer_fingerprint,
                    "aligned_fraction": 1.0}]
     for al, st in zip(aligns, stores):
-        candidates.append({"name": st.manifest["model"]["path"], "store": str(st.root), "alignment": str(al.root),
-                           "vocab_map": str(al.root / al.manifest["vocab_map"]),
+        candidates.append({"name": str(st.path_of("model")), "store": record_path(st.root, out),
+                           "alignment": record_path(al.root, out),
+                           "vocab_map": record_path(al.vocab_map_path, out), "vocab_map_sha256": al.manifest["vocab_map_sha256"],
+                           "tokenizer_fingerprint": st.tokenizer_fingerprint,
                            "reference": bool(al.manifest["settings"]["reference"]),
                            "aligned_fraction": al.manifest["counts"]["aligned_fraction"]})
     manifest = write_blocks_manifest(out, infos, block_len=cfg.block_len, candidates=candidates, header={
-        "corpus": target.manifest["corpus"], "score": cfg.score, "labels": cfg.labels, "settings": settings, "settings_hash": settings_hash(settings),
+        "corpus": _corpus_section(target, out), "score": cfg.score, "labels": cfg.labels, "settings": settings, "settings_hash": settings_hash(settings),
         "excluded_nonfinite_docs": sorted(nonfinite),
         "target_vocab_size": target.manifest["model"]["logits_size"],
     })

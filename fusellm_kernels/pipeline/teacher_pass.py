@@ -51,9 +51,12 @@ from fusellm_kernels.store.manifest import (
     StoreError,
     check_same_settings,
     read_json,
+    record_path,
     settings_hash,
+    verify_file,
     write_json_atomic,
 )
+from fusellm_kernels.store.lock import LockSet, confirm_holder
 from fusellm_kernels.store.records import DocFlag, DocIndex
 
 SETTINGS_FORMAT = "fusellm-teacher-settings"
@@ -276,11 +279,13 @@ def model_fingerprint(path: str) -> str:
     return _dir_fingerprint(Path(path), ("config.json",), (".safetensors", ".bin", ".pt", ".pth"))
 
 
+#: the files of a tokenizer folder its fingerprint covers
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+                   "merges.txt")
+
+
 def tokenizer_fingerprint(path: str) -> str:
-    return _dir_fingerprint(
-        Path(path),
-        ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt"),
-    )
+    return _dir_fingerprint(Path(path), TOKENIZER_FILES)
 
 
 def _context_length(config: Any) -> int | None:
@@ -498,20 +503,35 @@ class _ShardRunner:
         return arrays, counts
 
 
-def _shard_done(shards_dir: Path, i: int) -> ShardInfo | None:
+def _shard_done(shards_dir: Path, i: int, check_hash: bool = True) -> ShardInfo | None:
+    """The shard's record when it is complete on disk, else None (it is run again). A resume
+    checks the shard's SHA-256 against its sidecar, not only its size: a damaged shard is
+    rewritten rather than carried into the store. check_hash=False at the end of a pass,
+    where every shard was written or verified by this job moments ago."""
     side = shards_dir / f"{_shard_name(i)}.json"
     if not side.exists():
         return None
-    info = ShardInfo.from_json(read_json(side))
+    try:
+        info = ShardInfo.from_json(read_json(side))
+    except (StoreError, TypeError):
+        return None  # a damaged sidecar: the shard is run again
     f = shards_dir.parent / info.file
     if not f.exists() or f.stat().st_size != info.size_bytes:
         return None
+    if check_hash:
+        try:
+            verify_file(f, info.sha256, info.size_bytes, kind="teacher store")
+        except StoreError:
+            warnings.warn(f"{f} does not match its checksum in {side.name}; running that shard again", RuntimeWarning,
+                          stacklevel=2)
+            return None
     return info
 
 
 def _prepare_output(cfg: TeacherConfig, out: Path, settings: dict[str, Any]) -> None:
     """Rank 0: clean or check the output directory and record the settings."""
     if cfg.overwrite and out.exists():
+        # manifest first: from here on the directory never looks complete
         for name in ("manifest.json", "settings.json"):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "shards", ignore_errors=True)
@@ -530,6 +550,15 @@ def _prepare_output(cfg: TeacherConfig, out: Path, settings: dict[str, Any]) -> 
     for f in shards.iterdir():  # temporary files of a killed run are never complete shards
         if f.name.startswith(".") and f.name.endswith(".tmp"):
             f.unlink(missing_ok=True)
+
+
+def _broadcast_job_id(rt: _Runtime, job_id: str) -> str:
+    """Rank 0's job id on every rank (the lock file must name it)."""
+    import torch.distributed as dist
+
+    box = [job_id]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
 
 
 def _broadcast_error(rt: _Runtime, err: BaseException | None) -> None:
@@ -593,6 +622,7 @@ def run_teacher_pass(cfg: TeacherConfig, on_shard_written: Callable[[int], None]
 
     t0 = time.perf_counter()
     rt = _dist_runtime(cfg)
+    locks = LockSet("fusellm teacher")
     try:
         # 1. everything that needs no weights: inputs, vocabularies, settings, the output dir
         ds, corpus = load_corpus(cfg.corpus)
@@ -610,12 +640,16 @@ def run_teacher_pass(cfg: TeacherConfig, on_shard_written: Callable[[int], None]
         err: BaseException | None = None
         if rt.rank == 0:
             try:
+                locks.write(out).read(cfg.corpus)  # one job per store; held until this function returns
                 _prepare_output(cfg, out, settings)
             except BaseException as e:  # re-raised on every rank by _broadcast_error
                 err = e
         _broadcast_error(rt, err)
         if rt.rank != 0:
+            confirm_holder(out, _broadcast_job_id(rt, locks.job_id))
             check_same_settings(read_json(out / "settings.json")["settings"], settings, out)
+        elif rt.world > 1:
+            _broadcast_job_id(rt, locks.job_id)
 
         # 2. the model, and this rank's shards that are not complete yet
         model, loaded_size = load_model(cfg, mconf, rt, len(tok))
@@ -686,6 +720,7 @@ def run_teacher_pass(cfg: TeacherConfig, on_shard_written: Callable[[int], None]
         if rt.world > 1:
             dist.barrier()
     finally:
+        locks.release()
         if rt.owns_group:
             import torch.distributed as dist
 
@@ -733,13 +768,13 @@ def _write_manifest(
     shards_dir = out / "shards"
     infos: list[ShardInfo] = []
     for i in range(n_shards):
-        info = _shard_done(shards_dir, i)
+        info = _shard_done(shards_dir, i, check_hash=False)
         if info is None:
             raise StoreError(f"shard {i} of {out} is missing after the pass ({_shard_name(i)}.json); run the command again to resume")
         infos.append(info)
     header: dict[str, Any] = {
         "model": {
-            "path": str(cfg.model),
+            "path": record_path(cfg.model, out),
             "fingerprint": settings["model"],
             "model_type": getattr(model.config, "model_type", None),
             "architectures": getattr(model.config, "architectures", None),
@@ -748,14 +783,14 @@ def _write_manifest(
             "compute_dtype": settings["dtype"],
         },
         "tokenizer": {
-            "path": str(cfg.tokenizer or cfg.model),
+            "path": record_path(cfg.tokenizer or cfg.model, out),
             "fingerprint": settings["tokenizer"],
             "class": type(tok).__name__,
             "vocab_size": len(tok),
             "bos_token_id": tok.bos_token_id,
             "eos_token_id": tok.eos_token_id,
         },
-        "corpus": {"path": corpus.path, "fingerprint": corpus.fingerprint, "num_documents": corpus.num_documents},
+        "corpus": {"path": record_path(corpus.path, out), "fingerprint": corpus.fingerprint, "num_documents": corpus.num_documents},
         "max_length": max_length,
         "settings": settings,
         "settings_hash": settings_hash(settings),

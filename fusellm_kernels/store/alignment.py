@@ -24,10 +24,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fusellm_kernels.store.manifest import ShardInfo, StoreError, read_json, sha256_bytes, verify_file, write_bytes_atomic, write_json_atomic
+from fusellm_kernels.store.manifest import (
+    ShardInfo,
+    StoreError,
+    inside,
+    read_json,
+    recorded_path,
+    sha256_bytes,
+    verify_file,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 ALIGNMENT_FORMAT = "fusellm-alignment"
-ALIGNMENT_VERSION = 1
+# 2: store and tokenizer paths are recorded relative to the manifest
+ALIGNMENT_VERSION = 2
+ALIGNMENT_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -88,10 +100,12 @@ class AlignmentStore:
         if not mpath.exists():
             raise StoreError(f"{self.root} is not a complete alignment: {mpath.name} is missing (run or resume `fusellm align`)")
         self.manifest: dict[str, Any] = read_json(mpath)
-        if self.manifest.get("format") != ALIGNMENT_FORMAT or self.manifest.get("format_version") != ALIGNMENT_VERSION:
+        if self.manifest.get("format") != ALIGNMENT_FORMAT or self.manifest.get("format_version") not in ALIGNMENT_VERSIONS:
             raise StoreError(f"{mpath} is {self.manifest.get('format')!r} v{self.manifest.get('format_version')}; "
-                             f"expected {ALIGNMENT_FORMAT!r} v{ALIGNMENT_VERSION}")
+                             f"expected {ALIGNMENT_FORMAT!r} v{ALIGNMENT_VERSIONS}")
+        self.format_version = int(self.manifest["format_version"])
         self.shards = [ShardInfo.from_json(s) for s in self.manifest["shards"]]
+        self._files = [inside(self.root, s.file, "shard") for s in self.shards]
         self._verify = verify
         self._loaded: dict[int, dict[str, Tensor]] = {}
         self._where: dict[int, tuple[int, int]] | None = None
@@ -100,11 +114,36 @@ class AlignmentStore:
         if i not in self._loaded:
             from safetensors.torch import load_file
 
-            path = self.root / self.shards[i].file
+            path = self._files[i]
             if self._verify:
-                verify_file(path, self.shards[i].sha256, self.shards[i].size_bytes)
-            self._loaded[i] = load_file(str(path))
+                verify_file(path, self.shards[i].sha256, self.shards[i].size_bytes, kind="alignment")
+            try:
+                self._loaded[i] = load_file(str(path))
+            except FileNotFoundError:
+                raise StoreError(f"{path} is listed in {self.root / 'manifest.json'} but missing") from None
+            except Exception as e:
+                raise StoreError(f"{path} cannot be read as safetensors ({e}); the shard is corrupted") from None
         return self._loaded[i]
+
+    def path_of(self, role: str) -> Path:
+        """The teacher store the manifest records for "target" or "source"."""
+        return recorded_path(self.manifest[role]["path"], self.root, self.format_version, relative_since=2)
+
+    @property
+    def vocab_map_path(self) -> Path:
+        return inside(self.root, self.manifest["vocab_map"], "vocab_map")
+
+    def verify_vocab_map(self) -> Path:
+        """The vocabulary map's path, once its bytes match the manifest's hash."""
+        path = self.vocab_map_path
+        verify_file(path, self.manifest["vocab_map_sha256"], None, kind="alignment")
+        return path
+
+    def verify(self) -> None:
+        """Check every shard's and the vocabulary map's checksum."""
+        for i, s in enumerate(self.shards):
+            verify_file(self._files[i], s.sha256, s.size_bytes, kind="alignment")
+        self.verify_vocab_map()
 
     def doc_ids(self) -> list[int]:
         return [int(d) for i in range(len(self.shards)) for d in self._shard(i)["doc_ids"].tolist()]

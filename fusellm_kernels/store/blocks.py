@@ -47,10 +47,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fusellm_kernels.store.manifest import ShardInfo, StoreError, read_json, sha256_bytes, verify_file, write_bytes_atomic
+from fusellm_kernels.store.manifest import (
+    ShardInfo,
+    StoreError,
+    inside,
+    read_json,
+    recorded_path,
+    sha256_bytes,
+    verify_file,
+    write_bytes_atomic,
+)
 
 BLOCKS_FORMAT = "fusellm-blocks"
-BLOCKS_VERSION = 1
+# 2: candidates' stores, alignments and vocab maps are recorded relative to the manifest, with
+# their tokenizer fingerprints and vocab-map hashes
+BLOCKS_VERSION = 2
+BLOCKS_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -177,9 +189,11 @@ class BlockStore:
         self.manifest: dict[str, Any] = read_json(mpath)
         if self.manifest.get("format") != BLOCKS_FORMAT:
             raise StoreError(f"{mpath} is a {self.manifest.get('format')!r} manifest, not {BLOCKS_FORMAT!r}")
-        if self.manifest.get("format_version") != BLOCKS_VERSION:
-            raise StoreError(f"{mpath} has format_version {self.manifest.get('format_version')}; this library reads {BLOCKS_VERSION}")
+        if self.manifest.get("format_version") not in BLOCKS_VERSIONS:
+            raise StoreError(f"{mpath} has format_version {self.manifest.get('format_version')}; this library reads {BLOCKS_VERSIONS}")
+        self.format_version = int(self.manifest["format_version"])
         self.shards = [ShardInfo.from_json(s) for s in self.manifest["shards"]]
+        self._files = [inside(self.root, s.file, "shard") for s in self.shards]
         self.block_len: int = int(self.manifest["block_len"])
         self.candidates: list[dict[str, Any]] = list(self.manifest["candidates"])
         self._verify = verify
@@ -192,6 +206,18 @@ class BlockStore:
     def __len__(self) -> int:
         return self._starts[-1]
 
+    def candidate_path(self, s: int, key: str) -> Path | None:
+        """Candidate s's recorded "store", "alignment" or "vocab_map" path (None where absent)."""
+        value = self.candidates[s].get(key)
+        if not value:
+            return None
+        return recorded_path(value, self.root, self.format_version, relative_since=2)
+
+    def verify(self) -> None:
+        """Check every shard's checksum."""
+        for i, s in enumerate(self.shards):
+            verify_file(self._files[i], s.sha256, s.size_bytes, kind="blocks")
+
     def shard(self, i: int) -> BlockShard:
         cached = self._cache.get(i)
         if cached is not None:
@@ -199,11 +225,11 @@ class BlockStore:
         from safetensors.torch import load_file
 
         info = self.shards[i]
-        path = self.root / info.file
+        path = self._files[i]
         if not path.exists():
             raise StoreError(f"{path} is listed in {self.root / 'manifest.json'} but missing")
-        if self._verify:
-            verify_file(path, info.sha256, info.size_bytes)
+        if self._verify:  # once per process per file (`verify_file` remembers it)
+            verify_file(path, info.sha256, info.size_bytes, kind="blocks")
         try:
             tensors = load_file(str(path))
         except Exception as e:

@@ -50,7 +50,9 @@ from torch import Tensor
 from fusellm_kernels.store.manifest import (
     ShardInfo,
     StoreError,
+    inside,
     read_json,
+    recorded_path,
     sha256_bytes,
     verify_file,
     write_bytes_atomic,
@@ -59,7 +61,9 @@ from fusellm_kernels.store.manifest import (
 from fusellm_kernels.store.records import DocIndex, TeacherRecord
 
 TEACHER_STORE_FORMAT = "fusellm-teacher-store"
-TEACHER_STORE_VERSION = 1
+# 2: paths of the model, tokenizer and corpus are recorded relative to the manifest
+TEACHER_STORE_VERSION = 2
+TEACHER_STORE_VERSIONS = (1, 2)
 FP16_MAX = 65504.0
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -301,12 +305,14 @@ class TeacherStore:
         fmt, ver = self.manifest.get("format"), self.manifest.get("format_version")
         if fmt != TEACHER_STORE_FORMAT:
             raise StoreError(f"{mpath} is a {fmt!r} manifest, not a {TEACHER_STORE_FORMAT!r}")
-        if ver != TEACHER_STORE_VERSION:
-            raise StoreError(f"{mpath} has format_version {ver}; this library reads version {TEACHER_STORE_VERSION}")
+        if ver not in TEACHER_STORE_VERSIONS:
+            raise StoreError(f"{mpath} has format_version {ver}; this library reads versions {TEACHER_STORE_VERSIONS}")
+        self.format_version = int(ver)
         self.encoding = StoreEncoding.from_json(self.manifest["encoding"])
         self.k: int = int(self.manifest["k"])
         self.id_bits: int = int(self.manifest["id_bits"])
         self.shards = [ShardInfo.from_json(s) for s in self.manifest["shards"]]
+        self._files = [inside(self.root, s.file, "shard") for s in self.shards]
         self._verify = verify
         self._verified: set[int] = set()
         self._handles: dict[int, Any] = {}
@@ -336,10 +342,19 @@ class TeacherStore:
     def __len__(self) -> int:
         return self.num_docs
 
+    @property
+    def tokenizer_fingerprint(self) -> str | None:
+        """The fingerprint of the tokenizer that made the store (None in hand-made stores)."""
+        return self.manifest.get("tokenizer", {}).get("fingerprint")
+
+    def path_of(self, section: str) -> Path:
+        """The path the manifest records for "model", "tokenizer" or "corpus"."""
+        return recorded_path(self.manifest[section]["path"], self.root, self.format_version, relative_since=2)
+
     def verify(self) -> None:
         """Check every shard's checksum; raises `ChecksumError` naming the first bad file."""
         for i, s in enumerate(self.shards):
-            verify_file(self.root / s.file, s.sha256, s.size_bytes)
+            verify_file(self._files[i], s.sha256, s.size_bytes, kind="teacher store")
             self._verified.add(i)
 
     def _open(self, i: int) -> Any:
@@ -349,9 +364,9 @@ class TeacherStore:
         from safetensors import safe_open
 
         info = self.shards[i]
-        path = self.root / info.file
+        path = self._files[i]
         if self._verify and i not in self._verified:
-            verify_file(path, info.sha256, info.size_bytes)
+            verify_file(path, info.sha256, info.size_bytes, kind="teacher store")
             self._verified.add(i)
         try:
             h = safe_open(str(path), framework="pt")

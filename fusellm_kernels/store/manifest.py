@@ -121,17 +121,79 @@ class ShardInfo:
         return ShardInfo(**obj)
 
 
-def verify_file(path: str | os.PathLike[str], expected_sha256: str, expected_size: int | None = None) -> None:
-    """Raise `ChecksumError` naming `path` when its bytes are not the recorded ones."""
+#: which stage writes each kind of store, for messages that say what to re-run
+WRITERS = {"teacher store": "fusellm teacher", "alignment": "fusellm align", "blocks": "fusellm assemble",
+           "checkpoint": "fusellm train"}
+
+# files already verified by this process: resolved path -> (sha256, size, mtime_ns, inode).
+# Every rank checks the files it reads once, however many store objects open them.
+_VERIFIED: dict[str, tuple[str, int, int, int]] = {}
+
+
+def verify_file(path: str | os.PathLike[str], expected_sha256: str, expected_size: int | None = None,
+                *, kind: str | None = None) -> None:
+    """Raise `ChecksumError` naming `path` (and the stage that wrote it) when its bytes are not
+    the recorded ones. A file this process verified before, unchanged since (size, mtime,
+    inode), is not read again."""
     path = Path(path)
-    if not path.exists():
-        raise StoreError(f"{path} is listed in the manifest but missing")
-    size = path.stat().st_size
-    if expected_size is not None and size != expected_size:
-        raise ChecksumError(f"{path} is {size} bytes but the manifest recorded {expected_size}; the shard is corrupted")
+    writer = f" (written by `{WRITERS[kind]}`)" if kind in WRITERS else ""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise StoreError(f"{path}{writer} is listed in the manifest but missing") from None
+    key = str(path.resolve())
+    stamp = (expected_sha256, st.st_size, st.st_mtime_ns, st.st_ino)
+    if _VERIFIED.get(key) == stamp:
+        return
+    redo = (f"delete it and its .json sidecar and resume `{WRITERS[kind]}` to rewrite it" if kind in WRITERS
+            else "delete it and its .json sidecar and resume the job to rewrite it")
+    if expected_size is not None and st.st_size != expected_size:
+        raise ChecksumError(f"{path}{writer} is {st.st_size} bytes but the manifest recorded {expected_size}; "
+                            f"the file is corrupted or truncated: {redo}")
     digest = sha256_file(path)
     if digest != expected_sha256:
         raise ChecksumError(
-            f"{path} has SHA-256 {digest[:12]}… but the manifest recorded {expected_sha256[:12]}…; "
-            "the shard is corrupted: delete it and its .json sidecar and resume the job to rewrite it"
+            f"{path}{writer} has SHA-256 {digest[:12]}… but the manifest recorded {expected_sha256[:12]}…; "
+            f"the file is corrupted: {redo}"
         )
+    _VERIFIED[key] = stamp
+
+
+def forget_verified() -> None:
+    """Drop this process's record of verified files (tests that damage a file in place)."""
+    _VERIFIED.clear()
+
+
+def inside(root: str | os.PathLike[str], rel: str, what: str) -> Path:
+    """`root / rel` for a path recorded in a manifest, refusing absolute paths and paths that
+    leave `root` (``..``, symlinks out): a manifest is data, never a way to name other files."""
+    root = Path(root)
+    if not isinstance(rel, str) or not rel or os.path.isabs(rel) or "\\" in rel:
+        raise StoreError(f"{root / 'manifest.json'} lists {what} {rel!r}: shard paths must be relative to the store; "
+                         "the manifest is damaged or was edited by hand")
+    full = root / rel
+    base = root.resolve()
+    if not full.resolve().is_relative_to(base):
+        raise StoreError(f"{root / 'manifest.json'} lists {what} {rel!r}, which resolves outside {root}; "
+                         "refusing to read it (the manifest is damaged or was edited by hand)")
+    return full
+
+
+def record_path(path: str | os.PathLike[str], manifest_dir: str | os.PathLike[str]) -> str:
+    """How a manifest in `manifest_dir` records another path (a model, a store): relative to
+    the manifest, so a tree of runs can be moved or mounted elsewhere as a whole."""
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(manifest_dir))
+
+
+def recorded_path(value: str, manifest_dir: str | os.PathLike[str], version: int, relative_since: int) -> Path:
+    """The path a manifest recorded with `record_path` (format_version >= relative_since), or
+    as given on the command line by older versions (absolute, or relative to the working
+    directory of the job that wrote it), which keep resolving as before, with a warning."""
+    if version >= relative_since:
+        return Path(value) if os.path.isabs(value) else Path(manifest_dir) / value
+    import warnings
+
+    warnings.warn(f"{Path(manifest_dir) / 'manifest.json'} (format_version {version}) records {value!r} as given on "
+                  "its command line, resolved from the working directory; rewrite the store with this version "
+                  "to record paths relative to the manifest", UserWarning, stacklevel=3)
+    return Path(value)
