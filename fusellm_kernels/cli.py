@@ -72,6 +72,9 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=2000,
                    help="token budget per document for --split-tokenizers (the reference: 2048 - 48 = 2000)")
     p.add_argument("--keep-empty", action="store_true", help="keep empty and whitespace-only documents (dropped by default)")
+    p.add_argument("--skip-bad-records", action="store_true",
+                   help="skip records that cannot be read (invalid UTF-8, not JSON, a text that is not a string), "
+                        "counting them in the summary and manifest, instead of stopping at the first one")
     p.add_argument("--num-proc", type=int, default=1, help="worker processes for splitting")
     p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
 
@@ -81,7 +84,7 @@ def _prepare_run(a: argparse.Namespace) -> RunSummary:
 
     return prepare_corpus(PrepareConfig(
         inputs=tuple(a.inputs), output=a.output, text_field=a.text_field, txt_unit=a.txt_unit, split=a.split,
-        split_tokenizers=tuple(a.split_tokenizers), max_tokens=a.max_tokens, keep_empty=a.keep_empty,
+        split_tokenizers=tuple(a.split_tokenizers), max_tokens=a.max_tokens, keep_empty=a.keep_empty, skip_bad_records=a.skip_bad_records,
         num_proc=a.num_proc, overwrite=a.overwrite, progress=not a.no_progress,
     ))
 

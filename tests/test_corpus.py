@@ -145,3 +145,73 @@ def test_cli_prepare_help_and_run(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert summary["stage"] == "prepare" and summary["documents"] == 2
     assert main(["prepare", str(src), "--output", str(tmp_path / "o")]) == 2  # exists: a clear error, no traceback
     assert "--overwrite" in capsys.readouterr().err
+
+
+# --- bad input records: refused with the file and line named, or counted skips --------------
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    from fusellm_kernels.cli import main
+
+    rc = main(["prepare", *args, "--no-progress"])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _no_leftovers(tmp_path: Path) -> None:
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary directory left
+
+
+def test_empty_file_and_invalid_utf8_name_the_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    rc, _, err = _cli(capsys, str(tmp_path / "empty.jsonl"), "--output", str(tmp_path / "o1"))
+    assert rc == 2 and "empty.jsonl" in err and "no records" in err and "Traceback" not in err
+    (tmp_path / "bad.txt").write_bytes(b"fine\nnot \xff fine\n")
+    rc, _, err = _cli(capsys, str(tmp_path / "bad.txt"), "--txt-unit", "line", "--output", str(tmp_path / "o2"))
+    assert rc == 2 and "bad.txt:2: invalid UTF-8" in err and "--skip-bad-records" in err
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "a"}\n\n{"text": "b\xe9"}\n')
+    rc, _, err = _cli(capsys, str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o3"))
+    assert rc == 2 and "bad.jsonl:3: invalid UTF-8" in err
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    rc, _, err = _cli(capsys, str(tmp_path / "broken.jsonl"), "--output", str(tmp_path / "o4"))
+    assert rc == 2 and "broken.jsonl:2: not valid JSON" in err
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+    _no_leftovers(tmp_path)
+
+
+def test_non_string_text_is_an_error_or_a_counted_skip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import datasets
+
+    src = tmp_path / "mixed.jsonl"
+    src.write_text('{"text": "one"}\n{"text": 123}\n{"text": null}\n{"text": "two"}\n')
+    rc, _, err = _cli(capsys, str(src), "--output", str(tmp_path / "o"))
+    assert rc == 2 and "mixed.jsonl:2: 'text' is int 123, not a string" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "lines.txt").write_bytes(b"good\nbad \xff\n")
+    datasets.Dataset.from_dict({"text": ["p", None]}).to_parquet(str(tmp_path / "n.parquet"))
+    rc, out, err = _cli(capsys, str(src), str(tmp_path / "lines.txt"), str(tmp_path / "n.parquet"), "--txt-unit", "line",
+                        "--skip-bad-records", "--output", str(tmp_path / "o"))
+    assert rc == 0, err
+    assert "skipped bad records          4 (first: " in out and "mixed.jsonl:2" in out
+    ds, _ = load_corpus(tmp_path / "o")
+    assert list(ds["text"]) == ["one", "two", "good", "p"] and list(ds["source_index"]) == [0, 3, 0, 0]
+    m = json.loads((tmp_path / "o" / "fusellm_corpus.json").read_text())
+    assert m["skipped_bad_records"] == 4 and m["source_rows"] == 8 and m["settings"]["skip_bad_records"]
+    rc, _, err = _cli(capsys, str(tmp_path / "n.parquet"), "--output", str(tmp_path / "o5"))
+    assert rc == 2 and "n.parquet (row 1): 'text' is null" in err
+
+
+def test_a_failed_prepare_leaves_the_old_corpus_and_overwrites_only_a_corpus(tmp_path: Path) -> None:
+    good = write_jsonl(tmp_path / "good.jsonl", ["a b", "c"])
+    out = prep(tmp_path, good)
+    (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n{"text": 5}\n')
+    with pytest.raises(CorpusError, match="bad.jsonl:2"):
+        prep(tmp_path, tmp_path / "bad.jsonl", overwrite=True)
+    ds, info = load_corpus(out)  # still the complete old corpus, not a half-replaced one
+    assert list(ds["text"]) == ["a b", "c"] and info.num_documents == 2
+    _no_leftovers(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "mine.txt").write_text("not a corpus")
+    with pytest.raises(CorpusError, match="is not a prepared corpus"):
+        prep(tmp_path, good, name="data", overwrite=True)
+    assert (tmp_path / "data" / "mine.txt").exists()

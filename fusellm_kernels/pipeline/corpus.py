@@ -15,6 +15,11 @@ Turns local files (text, JSON lines, Parquet) or a `datasets` dataset saved on d
 plus ``fusellm_corpus.json``: format version, counts, the split settings and a fingerprint
 over all (doc_id, text_hash) pairs that teacher stores record to refuse mixing corpora.
 
+Bad input records (invalid UTF-8, a line that is not JSON, a text that is not a string, a
+missing text field) stop the stage with the file and line named; with ``--skip-bad-records``
+they are skipped instead, counted in the manifest and the summary. JSON files are read here,
+not by `datasets`' JSON builder, because only a line-by-line reader can name the line.
+
 Split rule (``--split-tokenizers``, the reference's stage 1): a document is kept whole when
 every listed tokenizer yields at most ``max_tokens`` tokens for it (special tokens not
 counted). Otherwise it is cut with the tokenizer that yields the most tokens, every
@@ -24,6 +29,7 @@ each piece is checked again against every tokenizer and cut further if one still
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -32,7 +38,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 from fusellm_kernels.pipeline.summary import RunSummary
 from fusellm_kernels.store.manifest import StoreError, write_json_atomic
@@ -43,6 +49,7 @@ CORPUS_MANIFEST = "fusellm_corpus.json"
 TEXT_SUFFIXES = (".txt", ".md", ".text")
 JSON_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
+NEWLINE = b"\n"
 
 
 class CorpusError(ValueError):
@@ -67,6 +74,7 @@ class PrepareConfig:
     split_tokenizers: tuple[str, ...] = ()
     max_tokens: int = 2000
     keep_empty: bool = False
+    skip_bad_records: bool = False
     num_proc: int = 1
     overwrite: bool = False
     progress: bool = True
@@ -130,41 +138,211 @@ def _expand_inputs(inputs: Sequence[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def _text_rows(path: Path, unit: str) -> list[str]:
-    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+class _BadRecord(Exception):
+    """One unusable input record; `why` says what is wrong with it."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+@dataclass
+class _Skips:
+    """Bad records: an error at the first one, or (``--skip-bad-records``) counted, with the
+    first few kept for the summary."""
+
+    skip: bool
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, where: str, why: str) -> None:
+        if not self.skip:
+            raise CorpusError(f"{where}: {why}, or pass --skip-bad-records to skip such records (they are counted "
+                              "and reported)")
+        self.count += 1
+        if len(self.examples) < 5:
+            self.examples.append(f"{where}: {why}")
+
+
+def _utf8_error(raw: bytes, e: UnicodeDecodeError) -> str:
+    return f"invalid UTF-8 (byte 0x{raw[e.start]:02x}): convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+
+
+def _check_text(value: Any, text_field: str) -> str:
+    if not isinstance(value, str):
+        shown = "null" if value is None else f"{type(value).__name__} {json.dumps(value)[:40]}"
+        raise _BadRecord(f"{text_field!r} is {shown}, not a string: fix the record")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a JSON escape such as "\udcff" decodes to a lone surrogate
+        raise _BadRecord(f"{text_field!r} holds a lone surrogate (an escape like \\udcff), not valid Unicode text: "
+                         "fix the record") from None
+    return value
+
+
+def _text_rows(path: Path, unit: str, skips: _Skips) -> Iterator[tuple[int, str]]:
+    """(index, text) per document of a text file; invalid UTF-8 names the line."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f"{path}:{raw.count(NEWLINE, 0, e.start) + 1}"
+        if not skips.skip:
+            skips.add(where, _utf8_error(raw, e))
+        # surrogateescape keeps every byte in place, so only the units holding a bad byte go
+        text = raw.decode("utf-8", errors="surrogateescape")
     if unit == "file":
-        return [text]
-    if unit == "line":
-        return text.splitlines()
-    return [p for p in text.replace("\r\n", "\n").split("\n\n")]
+        units = [text]
+    elif unit == "line":
+        units = text.splitlines()
+    else:
+        units = text.replace("\r\n", "\n").split("\n\n")
+    for i, u in enumerate(units):
+        try:
+            u.encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = u[e.start].encode("utf-8", "surrogateescape")
+            label = "" if unit == "file" else f" ({unit} {i + 1})"
+            skips.add(f"{path}{label}", f"invalid UTF-8 (byte 0x{bad[0]:02x}): convert the file to UTF-8")
+            continue
+        yield i, u
 
 
-def _load_one(kind: str, path: Path, cfg: PrepareConfig, cache_dir: str) -> Any:
+def _open_bytes(path: Path) -> Any:
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def _whole_json(path: Path) -> Any:
+    """The file as one JSON value (a list of records, or a dict of equal-length columns), or
+    None when it is not one."""
+    with _open_bytes(path) as f:
+        raw = f.read()
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
+        columns = list(value.values())
+        if len({len(c) for c in columns}) == 1:
+            return [dict(zip(value, row)) for row in zip(*columns)]
+    return value if isinstance(value, list) else None
+
+
+def _json_rows(path: Path, text_field: str, skips: _Skips) -> Iterator[tuple[int, str]]:
+    """(record index, text) per record of a JSON-lines file, or of a file holding one JSON
+    array (or dict of columns); every bad record names its line (or record number)."""
+
+    def text_of(record: Any) -> str:
+        if not isinstance(record, dict):
+            raise _BadRecord(f"is a JSON {type(record).__name__}, not an object: fix the record")
+        if text_field not in record:
+            raise _BadRecord(f"has no field {text_field!r} (its fields: {sorted(record)[:8]}): set --text-field or fix the record")
+        return _check_text(record[text_field], text_field)
+
+    index = 0
+    try:
+        with _open_bytes(path) as f:
+            for line_no, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                where = f"{path}:{line_no}"
+                try:
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise _BadRecord(_utf8_error(raw, e)) from None
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        if index == 0 and (whole := _whole_json(path)) is not None:
+                            break  # not JSON lines but one JSON document: read below
+                        raise _BadRecord(f"not valid JSON ({e.msg} at column {e.colno}): fix the line") from None
+                    text = text_of(record)
+                except _BadRecord as bad:
+                    skips.add(where, bad.why)
+                else:
+                    yield index, text
+                index += 1
+            else:
+                return
+    except (OSError, EOFError) as e:  # a damaged .gz
+        raise CorpusError(f"{path} cannot be read ({e})") from None
+    for i, record in enumerate(whole):
+        try:
+            yield i, text_of(record)
+        except _BadRecord as bad:
+            skips.add(f"{path} (record {i + 1})", bad.why)
+
+
+def _write_rows(rows: Iterator[tuple[int, str]], source: str, dest: Path) -> Any:
+    """The rows as a `datasets.Dataset` with columns text, source, source_index, written to
+    `dest` in batches (memory-mapped after, so a large file is never held in memory)."""
+    import datasets
+    import pyarrow as pa
+
+    schema = pa.schema([("text", pa.string()), ("source", pa.string()), ("source_index", pa.int64())])
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        texts: list[str] = []
+        index: list[int] = []
+
+        def flush() -> None:
+            writer.write_batch(pa.record_batch([pa.array(texts, pa.string()), pa.array([source] * len(texts), pa.string()),
+                                                pa.array(index, pa.int64())], schema=schema))
+            texts.clear()
+            index.clear()
+
+        for i, t in rows:
+            texts.append(t)
+            index.append(i)
+            if len(texts) >= 4096:
+                flush()
+        flush()
+    return datasets.Dataset.from_file(str(dest))
+
+
+def _checked_column(ds: Any, path: Path, cfg: PrepareConfig, skips: _Skips) -> Any:
+    """A Parquet file's or saved dataset's rows without null texts (each one a bad record);
+    a column that is not text at all is refused whole."""
+    import datasets
+    import numpy as np
+    import pyarrow.compute as pc
+
+    feature = ds.features["text"]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise CorpusError(f"{path}: column {cfg.text_field!r} holds {feature}, not text: set --text-field to the text column")
+    # add_column (in the caller) leaves no indices mapping, so the table's rows are the dataset's
+    is_null = pc.is_null(ds.data.column("text")).to_numpy(zero_copy_only=False)
+    for i in np.flatnonzero(is_null):
+        skips.add(f"{path} (row {int(i)})", f"{cfg.text_field!r} is null, not a string: fix the row")
+    return ds.select(np.flatnonzero(~is_null)) if is_null.any() else ds
+
+
+def _load_one(kind: str, path: Path, cfg: PrepareConfig, cache_dir: str, skips: _Skips, part: int) -> Any:
     """A `datasets.Dataset` with columns text, source, source_index."""
     import datasets
 
     if kind == "text":
-        rows = _text_rows(path, cfg.txt_unit)
-        return datasets.Dataset.from_dict(
-            {"text": rows, "source": [str(path)] * len(rows), "source_index": list(range(len(rows)))},
-            features=datasets.Features(
-                {"text": datasets.Value("string"), "source": datasets.Value("string"), "source_index": datasets.Value("int64")}
-            ),
-        )
-    if kind == "saved":
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if cfg.split is None:
-                if len(ds) != 1:
-                    raise CorpusError(f"{path} holds the splits {sorted(ds)}; choose one with --split")
-                ds = next(iter(ds.values()))
-            elif cfg.split not in ds:
-                raise CorpusError(f"{path} has no split {cfg.split!r}; its splits are {sorted(ds)} (--split)")
-            else:
-                ds = ds[cfg.split]
-    else:
-        builder = "json" if kind == "json" else "parquet"
-        ds = datasets.load_dataset(builder, data_files=[str(path)], split="train", cache_dir=cache_dir)
+        return _write_rows(_text_rows(path, cfg.txt_unit, skips), str(path), Path(cache_dir) / f"input-{part}.arrow")
+    if kind == "json":
+        return _write_rows(_json_rows(path, cfg.text_field, skips), str(path), Path(cache_dir) / f"input-{part}.arrow")
+    try:
+        if kind == "saved":
+            ds = datasets.load_from_disk(str(path))
+        else:
+            ds = datasets.load_dataset("parquet", data_files=[str(path)], split="train", cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - whatever pyarrow raises for a damaged file, name the file
+        raise CorpusError(f"{path} cannot be read as {'a saved dataset' if kind == 'saved' else 'Parquet'} "
+                          f"({type(e).__name__}: {e.__cause__ or e})") from None
+    if kind == "saved" and isinstance(ds, datasets.DatasetDict):
+        if cfg.split is None:
+            if len(ds) != 1:
+                raise CorpusError(f"{path} holds the splits {sorted(ds)}; choose one with --split")
+            ds = next(iter(ds.values()))
+        elif cfg.split not in ds:
+            raise CorpusError(f"{path} has no split {cfg.split!r}; its splits are {sorted(ds)} (--split)")
+        else:
+            ds = ds[cfg.split]
     if cfg.text_field not in ds.column_names:
         raise CorpusError(f"{path} has no column {cfg.text_field!r} (its columns: {ds.column_names}); set --text-field")
     n = len(ds)
@@ -172,7 +350,8 @@ def _load_one(kind: str, path: Path, cfg: PrepareConfig, cache_dir: str) -> Any:
     if cfg.text_field != "text":
         ds = ds.rename_column(cfg.text_field, "text")
     ds = ds.add_column("source", [str(path)] * n)
-    return ds.add_column("source_index", list(range(n)))
+    ds = ds.add_column("source_index", list(range(n)))
+    return _checked_column(ds, path, cfg, skips)
 
 
 _TOKENIZERS: dict[tuple[str, ...], list[Any]] = {}
@@ -234,7 +413,7 @@ def split_text(text: str, tokenizers: Sequence[Any], max_tokens: int) -> list[st
 
 def _process_batch(batch: dict[str, list[Any]], tok_paths: tuple[str, ...], max_tokens: int, keep_empty: bool) -> dict[str, list[Any]]:
     out: dict[str, list[Any]] = {"text": [], "text_hash": [], "source": [], "source_index": [], "chunk": []}
-    texts = [t if isinstance(t, str) else "" for t in batch["text"]]
+    texts: list[str] = batch["text"]  # every reader refuses or skips non-string texts
     need_split = [False] * len(texts)
     if tok_paths:
         toks = _tokenizers(tok_paths)
@@ -264,7 +443,8 @@ def corpus_fingerprint(doc_ids: Sequence[int], hashes: Sequence[int]) -> str:
 
 def prepare_corpus(cfg: PrepareConfig) -> RunSummary:
     """Run stage 1 and save the corpus to ``cfg.output`` (atomically: a temporary directory
-    is renamed into place, so an interrupted run leaves no half corpus)."""
+    is renamed into place, so an interrupted or failed run leaves no half corpus, and an
+    existing one stays as it was until the new one is complete)."""
     import datasets
 
     t0 = time.perf_counter()
@@ -272,6 +452,10 @@ def prepare_corpus(cfg: PrepareConfig) -> RunSummary:
     if out.exists():
         if not cfg.overwrite:
             raise CorpusError(f"--output {out} already exists; pass --overwrite to replace it")
+        # --overwrite replaces a corpus, never a directory of something else (the inputs, say)
+        if not out.is_dir() or not ((out / CORPUS_MANIFEST).exists() or not any(out.iterdir())):
+            raise CorpusError(f"--output {out} exists and is not a prepared corpus (no {CORPUS_MANIFEST}); "
+                              "--overwrite only replaces a corpus: choose another --output")
     sources = _expand_inputs(cfg.inputs)
     if cfg.split_tokenizers:
         _tokenizers(tuple(cfg.split_tokenizers))  # fail early on a bad tokenizer path
@@ -279,9 +463,16 @@ def prepare_corpus(cfg: PrepareConfig) -> RunSummary:
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     if not cfg.progress:
         datasets.disable_progress_bars()
+    skips = _Skips(cfg.skip_bad_records)
     try:
-        parts = [_load_one(kind, path, cfg, str(work / "cache")) for kind, path in sources]
+        parts = [_load_one(kind, path, cfg, str(work / "cache"), skips, i) for i, (kind, path) in enumerate(sources)]
         raw = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+        if len(raw) == 0:
+            if skips.count:
+                raise CorpusError(f"no documents: all {skips.count} input records are bad and were skipped "
+                                  f"(first: {skips.examples[0]})")
+            names = ", ".join(str(p) for _, p in sources[:5]) + (f" and {len(sources) - 5} more" if len(sources) > 5 else "")
+            raise CorpusError(f"no documents: the inputs ({names}) hold no records; give at least one non-empty file")
         features = datasets.Features(
             {
                 "text": datasets.Value("string"),
@@ -323,8 +514,10 @@ def prepare_corpus(cfg: PrepareConfig) -> RunSummary:
             "format": CORPUS_FORMAT,
             "format_version": CORPUS_VERSION,
             "num_documents": n,
-            "source_rows": len(raw),
+            "source_rows": len(raw) + skips.count,
             "dropped_empty": len(raw) - len({(s, i) for s, i in zip(docs["source"], docs["source_index"])}),
+            "skipped_bad_records": skips.count,
+            "skipped_examples": skips.examples,
             "extra_split_pieces": split_docs,
             "text_bytes": text_bytes,
             "fingerprint": fingerprint,
@@ -336,12 +529,14 @@ def prepare_corpus(cfg: PrepareConfig) -> RunSummary:
                 "split_tokenizers": list(cfg.split_tokenizers),
                 "max_tokens": cfg.max_tokens if cfg.split_tokenizers else None,
                 "keep_empty": cfg.keep_empty,
+                "skip_bad_records": cfg.skip_bad_records,
             },
         }
         write_json_atomic(final / CORPUS_MANIFEST, manifest)
         del docs, raw, parts
         if out.exists():
-            shutil.rmtree(out)
+            # the old corpus leaves by one rename, so no half-deleted corpus ever sits at --output
+            os.replace(out, work / "replaced")
         os.replace(final, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -354,6 +549,7 @@ def prepare_corpus(cfg: PrepareConfig) -> RunSummary:
         extra={
             "source rows": manifest["source_rows"],
             "dropped empty/whitespace": manifest["dropped_empty"],
+            **({"skipped bad records": f"{skips.count} (first: {skips.examples[0]})"} if skips.count else {}),
             "extra pieces from splitting": split_docs,
             "text bytes": text_bytes,
             "output": str(out),
