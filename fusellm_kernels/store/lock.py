@@ -54,6 +54,21 @@ def _holder(path: Path) -> str:
         return "another job"
 
 
+def _only_readers(path: Path) -> bool:
+    """True when the lock that refused an exclusive request is held shared (by readers)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
 class JobLock:
     """An exclusive (``write``) or shared (``read``) lock on one directory, held until
     `release` or the process's exit. Use as a context manager or keep it for the job's life."""
@@ -77,14 +92,22 @@ class JobLock:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         else:
-            try:  # a reader never creates files: the store may be read-only
-                fd = os.open(self.path, os.O_RDONLY)
+            try:  # created when missing (a copied store), so an --overwrite elsewhere sees the reader
+                fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
             except OSError:
-                return self  # no writer ever locked it, or it cannot be opened: nothing to share
+                try:
+                    fd = os.open(self.path, os.O_RDONLY)
+                except OSError:
+                    return self  # a read-only store no writer ever locked: no job can write there either
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if self.mode == "write" else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
+            if self.mode == "write" and _only_readers(self.path):
+                raise LockedError(
+                    f"{self.directory} is being read by another job (a shared lock on {self.path}); writing or "
+                    "--overwrite there now would change files under it: wait for it to finish, or choose another "
+                    "--output") from None
             if self.mode == "write":
                 raise LockedError(
                     f"{self.directory} is in use by {_holder(self.path)}: one job per directory. Wait for it to "

@@ -190,7 +190,7 @@ def recorded_path(value: str, manifest_dir: str | os.PathLike[str], version: int
     as given on the command line by older versions (absolute, or relative to the working
     directory of the job that wrote it), which keep resolving as before, with a warning."""
     if version >= relative_since:
-        return Path(value) if os.path.isabs(value) else Path(manifest_dir) / value
+        return Path(value) if os.path.isabs(value) else Path(os.path.normpath(Path(manifest_dir) / value))
     import warnings
 
     warnings.warn(f"{Path(manifest_dir) / 'manifest.json'} (format_version {version}) records {value!r} as given on "
