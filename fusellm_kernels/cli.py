@@ -11,6 +11,14 @@ Stages run in order, each reading the previous one's output directory:
 
 Every stage ends with a summary (documents, tokens, bytes, time, tokens/s) and can append it
 as one JSON line to ``--summary-json``. A later stage adds itself with `register_stage`.
+
+Trust: every stage checks each input file against the SHA-256 its manifest recorded before
+first use (--no-verify skips it: unsafe), refuses shard paths outside their store, compares
+tokenizer fingerprints between stages, and verifies checkpoints against their checksum list;
+`fusellm verify PATH` checks everything at once. One job per output: a job locks the
+directory it writes (and shares locks on what it reads); the lock is advisory and unreliable
+on network file systems. Model folders and checkpoints are trusted input, as in transformers
+and DCP.
 """
 from __future__ import annotations
 
@@ -178,6 +186,9 @@ def _align_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-marker", default=None, help="the target tokenizer's word-start marker, when detection fails")
     p.add_argument("--workers", type=int, default=1, help="worker processes (each aligns whole shards)")
     p.add_argument("--overwrite", action="store_true", help="discard an existing alignment in --output instead of resuming it")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the SHA-256 check of every input file before its first use (unsafe: a damaged shard "
+                        "flows into the output unnoticed)")
 
 
 def _align_run(a: argparse.Namespace) -> RunSummary:
@@ -187,6 +198,7 @@ def _align_run(a: argparse.Namespace) -> RunSummary:
         target=a.target, source=a.source, output=a.output, vocab_align=a.vocab_align, fallback=a.fallback,
         reference=a.reference, normalization=a.normalization, source_marker=a.source_marker,
         target_marker=a.target_marker, workers=a.workers, overwrite=a.overwrite, progress=not a.no_progress,
+        verify=not a.no_verify,
     ))
 
 
@@ -210,6 +222,9 @@ def _assemble_args(p: argparse.ArgumentParser) -> None:
                         "token; a block's last row has none); padding has none either way")
     p.add_argument("--blocks-per-shard", type=int, default=512, help="blocks per shard file (the unit of resumption)")
     p.add_argument("--overwrite", action="store_true", help="discard existing blocks in --output instead of resuming")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the SHA-256 check of every input file before its first use (unsafe: a damaged shard "
+                        "flows into the output unnoticed)")
 
 
 def _assemble_run(a: argparse.Namespace) -> RunSummary:
@@ -218,6 +233,7 @@ def _assemble_run(a: argparse.Namespace) -> RunSummary:
     return run_assemble(AssembleConfig(
         target=a.target, sources=tuple(a.alignments), output=a.output, block_len=a.block_len, score=a.score,
         labels=a.labels, blocks_per_shard=a.blocks_per_shard, overwrite=a.overwrite, progress=not a.no_progress,
+        verify=not a.no_verify,
     ))
 
 
@@ -389,6 +405,38 @@ register_stage(Stage(
     "is checked before the first stage; everything is cached under --output: a second run only\n"
     "re-reads it.",
     _fuse_args, _fuse_run,
+))
+
+
+# --- verify -----------------------------------------------------------------------------------
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("paths", nargs="+", metavar="PATH",
+                   help="teacher stores, alignments, block directories, training run directories or checkpoints")
+
+
+def _verify_run(a: argparse.Namespace) -> RunSummary:
+    from fusellm_kernels.store.manifest import StoreError
+    from fusellm_kernels.store.verify import verify_path
+
+    t0 = time.perf_counter()
+    reports = [verify_path(p) for p in a.paths]
+    for r in reports:
+        print(r.format())
+    bad = [r for r in reports if not r.ok]
+    if bad:
+        raise StoreError(f"{sum(len(r.problems) for r in bad)} problem(s) in {', '.join(str(r.path) for r in bad)} (listed above)")
+    return RunSummary("verify", 0, None, 0, time.perf_counter() - t0,
+                      extra={"files": sum(r.files for r in reports), "bytes read": sum(r.bytes for r in reports)})
+
+
+register_stage(Stage(
+    "verify", "check stores, alignments, blocks or checkpoints completely and say what is wrong where",
+    "Every listed file's size and SHA-256, shard paths inside their store, each shard's arrays, shapes,\n"
+    "offsets and id ranges, the stores and vocab maps a manifest points to, and a checkpoint's files\n"
+    "against the checksum list written with it. Exit status 2 when anything is wrong.",
+    _verify_args, _verify_run,
 ))
 
 

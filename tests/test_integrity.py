@@ -318,3 +318,10 @@ def test_verify_passes_intact_outputs_and_lists_every_problem(w, capsys):
     assert "vocab_map.pt" in text and "blocks: " in text  # the blocks name the damaged vocab map too
     rc, text = cli(capsys, "verify", w / "nowhere")
     assert rc == 2 and "does not exist" in text
+
+
+def test_two_main_jobs_into_one_run_directory_are_refused(tmp_path, capsys):
+    with JobLock(tmp_path / "fuse", "write", "fusellm fuse"):
+        rc, text = cli(capsys, "fuse", "--preset", "smoke", "--output", tmp_path / "fuse")
+    assert rc == 2 and str(tmp_path / "fuse") in text and "in use by job" in text
+    assert not (tmp_path / "fuse" / "config.json").exists()

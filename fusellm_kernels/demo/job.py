@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from fusellm_kernels.demo.corpus import CorpusSpec
+from fusellm_kernels.store.manifest import StoreError
 from fusellm_kernels.demo.toy_models import ModelSpec
 
 
@@ -585,18 +586,27 @@ def run_fuse(cfg: FuseConfig, *, overwrite: bool = False, say: Callable[[str], N
     t_start, t_start_ns = time.perf_counter(), time.time_ns()
     say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
     root = Path(cfg.output)
-    if overwrite and root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    stages = _Stages(root, say, cfg.workers, cfg.threads, cfg.progress)
+    from fusellm_kernels.store.lock import LockSet, clear_directory
+
+    locks = LockSet("fusellm fuse")
     try:
-        report = _run(cfg, root, stages, say, t_start, t_start_ns)
+        locks.write(root)  # one main job per run directory (each stage also locks its own output)
+    except StoreError as e:
+        raise FuseError(str(e)) from None
+    threads_before = torch.get_num_threads()
+    try:
+        if overwrite:
+            clear_directory(root)
+        (root / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        torch.set_num_threads(cfg.threads)
+        stages = _Stages(root, say, cfg.workers, cfg.threads, cfg.progress)
+        try:
+            report = _run(cfg, root, stages, say, t_start, t_start_ns)
+        finally:
+            stages.close()
     finally:
-        stages.close()
         torch.set_num_threads(threads_before)
+        locks.release()
     return report
 
 
