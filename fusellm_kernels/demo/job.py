@@ -36,7 +36,9 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -119,24 +121,126 @@ class FuseConfig:
     def models(self) -> list[tuple[str, ModelSpec | PretrainedSource]]:
         return [("target", self.target), *self.sources]
 
+    def name_of(self, option: str, part: str = "") -> str:
+        """How a user sets `option` (`part`: a path inside it, e.g. ".context"): its
+        `fusellm fuse` flag, else the preset's field."""
+        if option in _FLAGS:
+            return _FLAGS[option]
+        return f"FuseConfig.{option}{part} (preset {self.preset!r})"
+
     def check(self) -> None:
-        """Every option, before the first stage runs (a late error would waste minutes)."""
-        bad = [v for v in self.strategies if v not in ("min_ce", "avg_ce", "softmin_ce")]
-        if bad:
-            raise FuseError(f"strategies {bad}: choose from ('min_ce', 'avg_ce', 'softmin_ce')")
-        for flag, value in (("--train-steps", self.train_steps), ("--workers", self.workers), ("--threads", self.threads),
-                            ("block_len", self.block_len), ("global_batch", self.global_batch), ("micro_batch", self.micro_batch)):
-            if not isinstance(value, int) or value < 1:
-                raise FuseError(f"{flag} must be a positive integer, got {value!r}")
+        """Every option of the job and of every stage it runs, before the first one runs (a
+        late error would waste minutes); each error names the `fusellm fuse` flag or the
+        preset's field to change."""
+        def bad(option: str, value: Any, why: str) -> FuseError:
+            return FuseError(f"{self.name_of(option)} = {value!r}: {why}")
+
+        for option in ("train_steps", "workers", "threads", "block_len", "global_batch", "micro_batch"):
+            value = getattr(self, option)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(option, value, "must be a positive integer")
         if self.global_batch % self.micro_batch:
-            raise FuseError(f"global_batch {self.global_batch} must be a multiple of micro_batch {self.micro_batch}")
-        if not self.clm_seeds or not self.fusion_seeds:
-            raise FuseError("at least one seed is needed in --clm-seeds and in --fusion-seeds")
-        for flag, seeds in (("--clm-seeds", self.clm_seeds), ("--fusion-seeds", self.fusion_seeds)):
-            if len(set(seeds)) != len(seeds) or any(s < 0 for s in seeds):
-                raise FuseError(f"{flag} {list(seeds)}: give distinct non-negative seeds")
-        if not 0.0 <= self.lam <= 1.0:
-            raise FuseError(f"lam must be in [0, 1], got {self.lam}")
+            raise bad("global_batch", self.global_batch, f"must be a multiple of micro_batch {self.micro_batch}")
+        for option in ("clm_seeds", "fusion_seeds"):
+            seeds = getattr(self, option)
+            if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(x, int) or x < 0 for x in seeds):
+                raise bad(option, list(seeds), "give at least one seed, distinct and non-negative")
+        if not self.strategies or len(set(self.strategies)) != len(self.strategies):
+            raise bad("strategies", self.strategies, "give at least one strategy, each once")
+        output = Path(self.output)
+        if output.exists() and not output.is_dir():
+            raise bad("output", self.output, "is a file, not a directory; choose another run directory")
+        self._check_corpus()
+        names = [name for name, _ in self.sources]
+        if len(set(names)) != len(names) or "target" in names or any(not re.fullmatch(r"[A-Za-z0-9][\w.-]*", n) for n in names):
+            raise bad("sources", names, "names must be distinct, not 'target', and plain file names (letters, digits, . _ -)")
+        for name, spec in self.models:
+            self._check_model(name, spec)
+        if self.block_len > self.target.context:
+            raise bad("block_len", self.block_len, f"exceeds the target model's context of {self.target.context} tokens")
+        self._check_stages()
+
+    def _check_corpus(self) -> None:
+        from importlib import util
+
+        c = self.corpus
+        for option in ("target_chars", "extra_chars", "stdlib_chars"):
+            if not isinstance(getattr(c, option), int) or getattr(c, option) < 0:
+                raise FuseError(f"{self.name_of('corpus', '.' + option)} = {getattr(c, option)!r}: must be 0 or more")
+        if c.heldout_every < 2 or c.ngram < 1:
+            raise FuseError(f"{self.name_of('corpus')}: heldout_every must be at least 2 and ngram at least 1, "
+                            f"got {c.heldout_every} and {c.ngram}")
+        for pkg in c.packages:
+            if util.find_spec(pkg) is None:
+                raise FuseError(f"{self.name_of('corpus', '.packages')}: {pkg!r} is not installed; install it or leave it out")
+
+    def _check_model(self, name: str, spec: ModelSpec | PretrainedSource) -> None:
+        from typing import get_args
+
+        from fusellm_kernels.demo.toy_models import Arch, TokenizerKind
+
+        def where(option: str) -> str:
+            return self.name_of("target", f".{option}") if name == "target" else self.name_of("sources", f"[{name!r}].{option}")
+
+        # context >= 9: prepare cuts documents to (the smallest context - 8) tokens
+        if isinstance(spec, PretrainedSource):
+            if spec.context < 9:
+                raise FuseError(f"{where('context')} = {spec.context}: must be at least 9 tokens")
+            return
+        if spec.arch not in get_args(Arch):
+            raise FuseError(f"{where('arch')} = {spec.arch!r}: choose one of {get_args(Arch)}")
+        if spec.tokenizer not in get_args(TokenizerKind):
+            raise FuseError(f"{where('tokenizer')} = {spec.tokenizer!r}: choose one of {get_args(TokenizerKind)}")
+        for option, least in (("vocab_size", 300), ("hidden", 1), ("layers", 1), ("heads", 1), ("context", 9),
+                              ("steps", 0), ("batch", 1), ("seed", 0)):
+            value = getattr(spec, option)
+            if not isinstance(value, int) or value < least:
+                raise FuseError(f"{where(option)} = {value!r}: must be an integer of at least {least}")
+        if spec.hidden % spec.heads:
+            raise FuseError(f"{where('hidden')} = {spec.hidden}: must be a multiple of heads ({spec.heads})")
+        if not (spec.lr > 0 and math.isfinite(spec.lr)):
+            raise FuseError(f"{where('lr')} = {spec.lr!r}: must be a positive number")
+
+    def _check_stages(self) -> None:
+        """Build every stage's configuration exactly as the job will and let each stage's own
+        validation judge it, so no option a stage receives can first fail minutes later."""
+        from fusellm_kernels.pipeline.corpus import CorpusError
+        from fusellm_kernels.pipeline.teacher_pass import TeacherPassError
+        from training.config import ConfigError
+
+        root = Path(self.output)
+        builders: list[tuple[str, Callable[[], Any]]] = [
+            *[("prepare", lambda part=part: _prepare_cfg(self, root, part)) for part in ("train", "heldout")],
+            *[("teacher", lambda n=n, part=part: _teacher_cfg(self, root, n, part)) for n, part in _teacher_passes(self)],
+            *[("align", lambda n=n: _align_cfg(self, root, n)) for n, _ in self.sources],
+            *[("assemble", lambda part=part: _assemble_cfg(self, root, part)) for part in ("train", "heldout")],
+            *[("train", lambda r=r: _train_cfg(self, root, *r).validate()) for r in _train_plan(self)],
+        ]
+        for stage, build in builders:
+            try:
+                build()
+            except (CorpusError, TeacherPassError, StoreError, ConfigError) as e:
+                flag = re.match(r"--[a-z0-9-]+", str(e))
+                option = _FEEDS.get((stage, flag.group(0) if flag else ""))
+                source = self.name_of(option) if option else "the preset"
+                raise FuseError(f"{source}: `fusellm {stage}` would refuse what it is given ({e})") from None
+
+
+#: the `fusellm fuse` flags, by FuseConfig field
+_FLAGS = {"train_steps": "--train-steps", "workers": "--workers", "threads": "--threads", "clm_seeds": "--clm-seeds",
+          "fusion_seeds": "--fusion-seeds", "output": "--output", "preset": "--preset"}
+
+#: (stage, the stage's flag) -> the FuseConfig field that sets it (see the _*_cfg builders)
+_FEEDS = {
+    ("teacher", "--top-k"): "top_k", ("teacher", "--overflow"): "teacher_overflow",
+    ("align", "--vocab-align"): "vocab_align", ("align", "--fallback"): "fallback",
+    ("align", "--workers"): "workers", ("assemble", "--block-len"): "block_len", ("assemble", "--score"): "score",
+    ("assemble", "--labels"): "labels", ("train", "--max-steps"): "train_steps", ("train", "--seq-len"): "block_len",
+    ("train", "--global-batch"): "global_batch", ("train", "--micro-batch"): "micro_batch", ("train", "--lr"): "lr",
+    ("train", "--min-lr-ratio"): "min_lr_ratio", ("train", "--warmup-ratio"): "warmup_ratio", ("train", "--lam"): "lam",
+    ("train", "--weighting"): "weighting", ("train", "--attention"): "attention", ("train", "--fusion-rows"): "fusion_rows",
+    ("train", "--eval-every"): "eval_every", ("train", "--eval-batches"): "eval_blocks", ("train", "--strategy"): "strategies",
+}
 
 
 def _default_output(preset: str) -> str:
@@ -425,6 +529,75 @@ class _Stages:
                 self.say(f"  {job.name}: done in {seconds:.1f} s")
 
 
+# --- each stage's configuration (also built by FuseConfig.check, before anything runs) --------
+
+
+def _max_tokens(cfg: FuseConfig) -> int:
+    return min(s.context for _, s in cfg.models) - 8  # room for EOS, as the original's 2048 - 48
+
+
+def _prepare_cfg(cfg: FuseConfig, root: Path, part: str) -> Any:
+    from fusellm_kernels.pipeline.corpus import PrepareConfig
+
+    return PrepareConfig(inputs=(str(root / "corpus" / f"{part}.jsonl"),), output=str(root / "prepared" / part),
+                         split_tokenizers=tuple(str(root / "models" / n) for n, _ in cfg.models),
+                         max_tokens=_max_tokens(cfg), overwrite=True, progress=False)
+
+
+def _teacher_passes(cfg: FuseConfig) -> list[tuple[str, str]]:
+    """(model, corpus part) of every teacher pass: each model over the training part, the
+    target over the held-out part too (its blocks are the trainer's evaluation)."""
+    return [(n, "train") for n, _ in cfg.models] + [("target", "heldout")]
+
+
+def _teacher_cfg(cfg: FuseConfig, root: Path, name: str, part: str) -> Any:
+    from fusellm_kernels.pipeline.teacher_pass import TeacherConfig
+
+    out = root / "teacher" / (name if part == "train" else f"{name}-{part}")
+    return TeacherConfig(corpus=str(root / "prepared" / part), model=str(root / "models" / name), output=str(out),
+                         top_k=cfg.top_k, max_length=dict(cfg.models)[name].context, overflow=cfg.teacher_overflow,
+                         docs_per_shard=512, batch_tokens=8192, device="cpu", progress=False)
+
+
+def _align_cfg(cfg: FuseConfig, root: Path, name: str) -> Any:
+    from fusellm_kernels.pipeline.align_job import AlignConfig
+
+    return AlignConfig(target=str(root / "teacher" / "target"), source=str(root / "teacher" / name),
+                       output=str(root / "align" / name), vocab_align=cfg.vocab_align, fallback=cfg.fallback,
+                       reference=cfg.align_reference, workers=cfg.workers, overwrite=True, progress=False)
+
+
+def _assemble_cfg(cfg: FuseConfig, root: Path, part: str) -> Any:
+    from fusellm_kernels.pipeline.assemble import AssembleConfig
+
+    sources = tuple(str(root / "align" / n) for n, _ in cfg.sources) if part == "train" else ()
+    tgt = root / "teacher" / ("target" if part == "train" else "target-heldout")
+    # held-out blocks keep the document labels: every preset is evaluated alike
+    return AssembleConfig(target=str(tgt), sources=sources, output=str(root / "blocks" / part), block_len=cfg.block_len,
+                          score=cfg.score, labels=cfg.labels if part == "train" else "document", overwrite=True,
+                          progress=False)
+
+
+def _train_plan(cfg: FuseConfig) -> list[tuple[str, str, str, int]]:
+    """(run name, mode, strategy, seed) of every training run."""
+    plan = [(f"clm-seed{s}", "clm", "min_ce", s) for s in cfg.clm_seeds]
+    return plan + [(f"{st.replace('_', '')}-seed{s}", "fusion", st, s) for st in cfg.strategies for s in cfg.fusion_seeds]
+
+
+def _train_cfg(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str, seed: int) -> Any:
+    from training.config import TrainConfig
+
+    return TrainConfig(
+        model=str(root / "models" / "target"), data=str(root / "blocks" / "train"), output=str(root / "train" / name),
+        eval_data=str(root / "blocks" / "heldout"), mode=mode, strategy=strategy, weighting=cfg.weighting, lam=cfg.lam,
+        top_k=0, seq_len=cfg.block_len, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, epochs=1_000_000,
+        max_steps=cfg.train_steps, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio, seed=seed,
+        param_dtype="float32", attention=cfg.attention, fusion_rows=cfg.fusion_rows, log_every=max(1, cfg.train_steps // 6),
+        eval_every=cfg.eval_every, eval_batches=cfg.eval_blocks, checkpoint_every=max(1, cfg.train_steps // 2), keep_checkpoints=1, export=True,
+        progress=False, plot=False,  # the job shows one bar for all runs; the report draws every run's curves
+    )
+
+
 # --- the stages (module-level functions: they run in worker processes) -----------------------
 
 
@@ -521,15 +694,7 @@ def _job_train(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str,
     from training.train import train
 
     out = root / "train" / name
-    tc = TrainConfig(
-        model=str(root / "models" / "target"), data=str(root / "blocks" / "train"), output=str(out),
-        eval_data=str(root / "blocks" / "heldout"), mode=mode, strategy=strategy, weighting=cfg.weighting, lam=cfg.lam,
-        top_k=0, seq_len=cfg.block_len, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, epochs=1_000_000,
-        max_steps=cfg.train_steps, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio, seed=seed,
-        param_dtype="float32", attention=cfg.attention, fusion_rows=cfg.fusion_rows, log_every=max(1, cfg.train_steps // 6),
-        eval_every=cfg.eval_every, eval_batches=cfg.eval_blocks, checkpoint_every=max(1, cfg.train_steps // 2), keep_checkpoints=1, export=True,
-        progress=False, plot=False,  # the job shows one bar for all runs; the report draws every run's curves
-    )
+    tc = _train_cfg(cfg, root, name, mode, strategy, seed)
     if (out / "config.json").exists():
         # this stage re-runs because its settings changed (else it would be cached), or it was
         # interrupted: a run of other settings starts over, an interrupted one resumes
@@ -574,15 +739,15 @@ def _written_since(root: Path, t0_ns: int) -> tuple[int, int]:
 def run_fuse(cfg: FuseConfig, *, overwrite: bool = False, say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) every stage of the main job; returns the report (also written to
     OUTPUT/report/report.json and .md, with OUTPUT/report/curves.png)."""
-    cfg.check()
-    for _, spec in cfg.sources:
-        if isinstance(spec, PretrainedSource):
-            _check_pretrained(spec)  # before any stage: a missing package is a set-up step, not a crash later
-    try:
+    try:  # first: check() validates the trainer's options with its own code
         import training.train  # noqa: F401
     except ImportError as e:
         raise FuseError(f"the training module (training/, `fusellm train`) cannot be imported ({e}); "
                         "run from the repository root (`make fuse` does)") from None
+    cfg.check()
+    for _, spec in cfg.sources:
+        if isinstance(spec, PretrainedSource):
+            _check_pretrained(spec)  # before any stage: a missing package is a set-up step, not a crash later
     t_start, t_start_ns = time.perf_counter(), time.time_ns()
     say = say or (lambda msg: print(msg, file=sys.stderr, flush=True))
     root = Path(cfg.output)
@@ -614,12 +779,10 @@ def _run(cfg: FuseConfig, root: Path, stages: _Stages, say: Callable[[str], None
          t_start_ns: int) -> dict[str, Any]:
     from fusellm_kernels.demo.corpus import build_corpus
     from fusellm_kernels.demo.report import write_report
-    from fusellm_kernels.pipeline.align_job import AlignConfig, run_align
-    from fusellm_kernels.pipeline.assemble import AssembleConfig, run_assemble
-    from fusellm_kernels.pipeline.corpus import PrepareConfig, prepare_corpus
-    from fusellm_kernels.pipeline.teacher_pass import TeacherConfig
+    from fusellm_kernels.pipeline.align_job import run_align
+    from fusellm_kernels.pipeline.assemble import run_assemble
+    from fusellm_kernels.pipeline.corpus import prepare_corpus
 
-    quiet = dict(progress=False)
     say(f"fusellm fuse: preset {cfg.preset!r} in {root} ({cfg.workers} worker(s) x {cfg.threads} thread(s))")
     say("[1/8] corpus: Python docstrings (held-out and target text from the stdlib; more for the sources)")
     corpus = stages.run(Job("corpus", (cfg.corpus, sys.version), (root / "corpus" / "corpus.json",),
@@ -644,26 +807,18 @@ def _run(cfg: FuseConfig, root: Path, stages: _Stages, say: Callable[[str], None
         say(f"    {name}: {info['heldout']['bits_per_byte']:.3f} bits/byte on the held-out text")
 
     say("[3/8] fusellm prepare: documents cut so every model's tokenizer fits its context")
-    toks = tuple(str(root / "models" / n) for n, _ in cfg.models)
-    max_tokens = min(s.context for _, s in cfg.models) - 8  # room for EOS, as the original's 2048 - 48
     prepared = {}
     for part in ("train", "heldout"):
-        src, dst = root / "corpus" / f"{part}.jsonl", root / "prepared" / part
+        pcfg = _prepare_cfg(cfg, root, part)
         prepared[part] = stages.run(Job(
-            f"prepare {part}", (max_tokens,), (dst / "fusellm_corpus.json",),
-            lambda src=src, dst=dst: prepare_corpus(PrepareConfig(
-                inputs=(str(src),), output=str(dst), split_tokenizers=toks, max_tokens=max_tokens, overwrite=True, **quiet)).to_json(),
-            (), after=("corpus", *[f"model {n}" for n, _ in cfg.models])))
+            f"prepare {part}", (pcfg.max_tokens,), (Path(pcfg.output) / "fusellm_corpus.json",),
+            lambda pcfg=pcfg: prepare_corpus(pcfg).to_json(), (), after=("corpus", *[f"model {n}" for n, _ in cfg.models])))
 
     say("[4/8] fusellm teacher: top-k logits of every model over the corpus")
     jobs = []
-    for name, part in [(n, "train") for n, _ in cfg.models] + [("target", "heldout")]:
-        out = root / "teacher" / (name if part == "train" else f"{name}-{part}")
-        spec = dict(cfg.models)[name]
-        tcfg = TeacherConfig(corpus=str(root / "prepared" / part), model=str(root / "models" / name), output=str(out),
-                             top_k=cfg.top_k, max_length=spec.context, overflow=cfg.teacher_overflow,
-                             docs_per_shard=512, batch_tokens=8192, device="cpu", progress=False)
-        jobs.append(Job(f"teacher {name} ({part})", (tcfg,), (out / "manifest.json",), _job_teacher, (tcfg,),
+    for name, part in _teacher_passes(cfg):
+        tcfg = _teacher_cfg(cfg, root, name, part)
+        jobs.append(Job(f"teacher {name} ({part})", (tcfg,), (Path(tcfg.output) / "manifest.json",), _job_teacher, (tcfg,),
                         after=(f"prepare {part}", f"model {name}")))
     teacher: dict[str, dict[str, Any]] = {}
     passes = stages.run_group("teacher passes", jobs)
@@ -676,9 +831,7 @@ def _run(cfg: FuseConfig, root: Path, stages: _Stages, say: Callable[[str], None
     aligned: dict[str, dict[str, Any]] = {}
     for name, _ in cfg.sources:
         out = root / "align" / name
-        acfg = AlignConfig(target=str(root / "teacher" / "target"), source=str(root / "teacher" / name), output=str(out),
-                           vocab_align=cfg.vocab_align, fallback=cfg.fallback, reference=cfg.align_reference,
-                           workers=cfg.workers, overwrite=True, **quiet)
+        acfg = _align_cfg(cfg, root, name)
         aligned[name] = stages.run(Job(f"align {name}", (replace(acfg, workers=1),), (out / "manifest.json",),
                                        lambda acfg=acfg: run_align(acfg).to_json(), (),
                                        after=("teacher target (train)", f"teacher {name} (train)")))
@@ -689,14 +842,10 @@ def _run(cfg: FuseConfig, root: Path, stages: _Stages, say: Callable[[str], None
 
     say("[6/8] fusellm assemble: training and held-out blocks")
     blocks = {}
-    for part, sources in (("train", tuple(str(root / "align" / n) for n, _ in cfg.sources)), ("heldout", ())):
-        out = root / "blocks" / part
-        tgt = root / "teacher" / ("target" if part == "train" else "target-heldout")
-        # held-out blocks keep the document labels: every preset is evaluated alike
-        bcfg = AssembleConfig(target=str(tgt), sources=sources, output=str(out), block_len=cfg.block_len, score=cfg.score,
-                              labels=cfg.labels if part == "train" else "document", overwrite=True, **quiet)
+    for part in ("train", "heldout"):
+        bcfg = _assemble_cfg(cfg, root, part)
         deps = (f"teacher target ({part})", *([f"align {n}" for n, _ in cfg.sources] if part == "train" else []))
-        blocks[part] = stages.run(Job(f"assemble {part}", (bcfg,), (out / "manifest.json",),
+        blocks[part] = stages.run(Job(f"assemble {part}", (bcfg,), (Path(bcfg.output) / "manifest.json",),
                                       lambda bcfg=bcfg: run_assemble(bcfg).to_json(), (), after=deps))
         say(f"    {part}: {blocks[part]['blocks']} blocks of {cfg.block_len} rows")
     n_train_blocks = int(blocks["train"]["blocks"])
@@ -707,8 +856,7 @@ def _run(cfg: FuseConfig, root: Path, stages: _Stages, say: Callable[[str], None
     say("[7/8] fusellm train: the target, CLM-only and fused, the same blocks and steps each")
     train_key = (cfg.train_steps, cfg.global_batch, cfg.micro_batch, cfg.lr, cfg.min_lr_ratio, cfg.lam, cfg.weighting,
                  cfg.attention, cfg.fusion_rows, cfg.warmup_ratio, cfg.eval_every, cfg.eval_blocks, cfg.target.context)
-    plan = [(f"clm-seed{s}", "clm", "min_ce", s) for s in cfg.clm_seeds]
-    plan += [(f"{st.replace('_', '')}-seed{s}", "fusion", st, s) for st in cfg.strategies for s in cfg.fusion_seeds]
+    plan = _train_plan(cfg)
     jobs = [Job(f"train {name}", (train_key, mode, strategy, seed), (root / "train" / name / "metrics.jsonl",), _job_train,
                 (cfg, root, name, mode, strategy, seed), after=("assemble train", "assemble heldout", "model target"),
                 steps=cfg.train_steps) for name, mode, strategy, seed in plan]
