@@ -105,7 +105,8 @@ class TrainConfig:
                               ("attn_implementation", ("sdpa", "eager", "flash_attention_2"))):
             if getattr(self, name) not in allowed:
                 raise bad(name, f"choose one of {tuple(allowed)}")
-        for name in ("seq_len", "global_batch", "micro_batch", "epochs", "log_every", "keep_checkpoints", "shuffle_window"):
+        # --micro-batch before --global-batch: `fusellm eval` derives the global batch from it
+        for name in ("seq_len", "micro_batch", "global_batch", "epochs", "log_every", "keep_checkpoints", "shuffle_window"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
         for name in ("max_steps", "eval_every", "eval_batches", "checkpoint_every", "eval_holdout", "top_k"):
@@ -130,6 +131,7 @@ class TrainConfig:
             raise bad("source_weights", "--strategy weights needs one weight per candidate")
         if self.source_weights and (self.strategy != "weights" or any(w < 0 or not math.isfinite(w) for w in self.source_weights)):
             raise bad("source_weights", "takes non-negative weights and only with --strategy weights")
+        check_device(self.device)
         return self
 
     # ------------------------------------------------------------------ persistence
@@ -150,6 +152,17 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+
+
+def check_device(device: str) -> None:
+    """--device is auto, cpu or cuda (each rank takes cuda:LOCAL_RANK); anything else would
+    otherwise fall back to the CPU silently, and cuda without CUDA would fail deep in torch."""
+    import torch
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device={device!r}: choose auto, cpu or cuda (under torchrun each rank takes cuda:LOCAL_RANK)")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device='cuda': CUDA is not available on this machine; use --device cpu or auto")
 
 
 #: fields a resumed run must share with the stored config.json (the rest, e.g. logging, may change)

@@ -51,7 +51,10 @@ def init_distributed(device: str = "auto") -> Dist:
     (FSDP2 and DCP need one; a one-rank mesh shards nothing)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    cuda = torch.cuda.is_available() and device in ("auto", "cuda") or device.startswith("cuda")
+    from training.config import check_device
+
+    check_device(device)
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if cuda:
@@ -87,6 +90,9 @@ class FusionLM(nn.Module):
         super().__init__()
         self.lm = lm
         self.attention = attention
+        # state-dict key -> the key the source checkpoint used, where they differ (set on load,
+        # kept by the export so it reads like the source)
+        self.checkpoint_names: dict[str, str] = {}
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, doc_index: Tensor, labels: Tensor, teacher_ids: Tensor,
                 teacher_logits: Tensor, teacher_ce: Tensor, segment_ids: Tensor,
@@ -100,8 +106,9 @@ class FusionLM(nn.Module):
                 # itself (flash-attention instead reads the boundaries from position_ids)
                 kwargs["attention_mask"] = document_mask(doc_index, base.get_input_embeddings().weight.dtype)
         hidden = base(**kwargs).last_hidden_state
-        return self.lm.lm_head(hidden, labels, teacher_ids, teacher_logits, teacher_ce=teacher_ce,
-                               segment_ids=segment_ids, source_weights=source_weights, fusion_mask=fusion_mask)
+        # the head by role, not by name: GPT-NeoX calls it embed_out
+        return self.lm.get_output_embeddings()(hidden, labels, teacher_ids, teacher_logits, teacher_ce=teacher_ce,
+                                               segment_ids=segment_ids, source_weights=source_weights, fusion_mask=fusion_mask)
 
 
 def document_mask(doc_index: Tensor, dtype: torch.dtype) -> Tensor:
@@ -111,6 +118,13 @@ def document_mask(doc_index: Tensor, dtype: torch.dtype) -> Tensor:
     causal = torch.ones(length, length, dtype=torch.bool, device=doc_index.device).tril()
     allowed = (doc_index[:, :, None] == doc_index[:, None, :]) & causal
     return torch.zeros(allowed.shape, dtype=dtype, device=doc_index.device).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def output_weight_name(lm: nn.Module) -> str:
+    """The state-dict key of the output layer's weight: lm_head.weight for most models,
+    embed_out.weight for GPT-NeoX."""
+    head = lm.get_output_embeddings()
+    return next(f"{name}.weight" for name, module in lm.named_modules() if module is head)
 
 
 def _decoder_layers(lm: nn.Module) -> list[nn.Module]:
@@ -139,7 +153,7 @@ def build_model(path: str, d: Dist, *, loss_options: dict[str, Any], attn_implem
         lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     head = lm.get_output_embeddings()
     if not isinstance(head, nn.Linear):
-        raise ModelError(f"{root}: the lm_head is a {type(head).__name__}, not an nn.Linear; the fused loss needs a linear head")
+        raise ModelError(f"{root}: the output layer is a {type(head).__name__}, not an nn.Linear; the fused loss needs a linear head")
     lm.set_output_embeddings(FusionHead(head, **loss_options))
     tied = lm.get_output_embeddings().weight is lm.get_input_embeddings().weight
     if activation_checkpointing:
@@ -162,7 +176,7 @@ def build_model(path: str, d: Dist, *, loss_options: dict[str, Any], attn_implem
                 module.set_force_sum_reduction_for_comms(True)  # gloo lacks NCCL's PREMUL_SUM
 
     model.to_empty(device=d.device)
-    _load_weights(lm, root, tied, progress and d.is_main)
+    model.checkpoint_names = _load_weights(lm, root, tied, progress and d.is_main)
     owners = {n.rsplit(".", 1)[0] for n, _ in lm.named_non_persistent_buffers()}
     for name in owners:  # buffers computed in __init__ (rotary frequencies) were left on meta
         lm._init_weights(lm.get_submodule(name))
@@ -179,9 +193,24 @@ def _safetensors_files(root: Path) -> list[Path]:
     raise ModelError(f"{root} holds neither model.safetensors nor model.safetensors.index.json; save the model with safetensors")
 
 
+def _head_in_checkpoint(state: dict[str, Any], where: dict[str, tuple[Path, str]], head: str) -> dict[str, str]:
+    """{model key: file key} of the output layer when the file names it otherwise: transformers
+    renames some heads between module and checkpoint (GPT-NeoX: lm_head in the module,
+    embed_out in the file), so the head is found by role: the one top-level layer of the file
+    that the model lacks."""
+    if head in where:
+        return {}
+    spare = {k.rsplit(".", 1)[0] for k in where if k not in state and k.count(".") == 1 and k.endswith(".weight")}
+    if len(spare) != 1:
+        return {}  # not found by role: the caller names the missing parameter
+    prefix, other = head.rsplit(".", 1)[0], spare.pop()
+    return {k: other + k[len(prefix):] for k in state if k.startswith(prefix + ".") and other + k[len(prefix):] in where}
+
+
 @torch.no_grad()
-def _load_weights(lm: nn.Module, root: Path, tied: bool, progress: bool) -> None:
-    """Copy each rank's slice of every parameter from the safetensors files, one tensor at a time."""
+def _load_weights(lm: nn.Module, root: Path, tied: bool, progress: bool) -> dict[str, str]:
+    """Copy each rank's slice of every parameter from the safetensors files, one tensor at a
+    time; returns {model key: file key} where the file names a parameter otherwise."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor, distribute_tensor
     from tqdm import tqdm
@@ -192,9 +221,13 @@ def _load_weights(lm: nn.Module, root: Path, tied: bool, progress: bool) -> None
             for key in f.keys():
                 where[key] = (file, key)
     state = lm.state_dict()
+    head_weight = output_weight_name(lm)
+    renamed = {} if tied else _head_in_checkpoint(state, where, head_weight)
+    for model_key, file_key in renamed.items():
+        where[model_key] = where[file_key]
     for name, target in tqdm(state.items(), desc="load weights", unit="tensor", disable=not progress):
         if name not in where:
-            if tied and name == "lm_head.weight":
+            if tied and name == head_weight:
                 continue
             raise ModelError(f"{root}: parameter {name} is in the model's config but in none of its safetensors files")
         file, key = where[name]
@@ -208,6 +241,7 @@ def _load_weights(lm: nn.Module, root: Path, tied: bool, progress: bool) -> None
             target.to_local().copy_(local)
         else:
             target.copy_(full)
+    return renamed
 
 
 def full_state_dict(model: FusionLM) -> dict[str, Tensor]:

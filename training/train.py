@@ -52,6 +52,7 @@ from training.data import BlockSampler, Prefetcher, TrainData, check_tokenizer, 
 from training.metrics import MetricsLog, peak_memory_gib, plot_curves
 from training.parallel import (
     Dist, FusionLM, build_model, close_distributed, full_state_dict, init_distributed, model_flops_per_token, peak_flops,
+    output_weight_name,
 )
 
 
@@ -316,7 +317,8 @@ def export_model(model: FusionLM, source: str, target: Path, d: Dist) -> Path:
         dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
         lm = model.lm
         if lm.get_output_embeddings().weight is lm.get_input_embeddings().weight:
-            state.pop("lm_head.weight", None)  # tied: transformers re-ties it on load
+            state.pop(output_weight_name(lm), None)  # tied: transformers re-ties it on load
+        state = {model.checkpoint_names.get(k, k): v for k, v in state.items()}  # the source's own key names
         tmp = target.with_name(target.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -336,6 +338,10 @@ def evaluate_model(model_path: str, data_path: str, *, seq_len: int = 0, micro_b
     """`fusellm eval`: held-out CLM perplexity of a transformers folder on assembled blocks."""
     from fusellm_kernels.store.blocks import BlockStore
 
+    # every option before the process group or the data: an error names the eval flag
+    TrainConfig(model=model_path, data=data_path, output="-", seq_len=max(1, seq_len), micro_batch=micro_batch,
+                global_batch=micro_batch, eval_batches=eval_batches, attention=attention,
+                attn_implementation=attn_implementation, mode="clm", device=device).validate()
     d = init_distributed(device)
     try:
         blocks = BlockStore(data_path)

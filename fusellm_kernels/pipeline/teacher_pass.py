@@ -109,6 +109,8 @@ class TeacherConfig:
             raise TeacherPassError(f"--batch-tokens must be >= 1, got {self.batch_tokens}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise TeacherPassError(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
+            raise TeacherPassError(f"--device {self.device!r}: choose auto, cpu, cuda or cuda:N")
 
     def encoding(self) -> StoreEncoding:
         if self.format == "lossless":
@@ -319,6 +321,8 @@ def _dist_runtime(cfg: TeacherConfig) -> _Runtime:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise TeacherPassError(f"--device {cfg.device}: CUDA is not available on this machine")
+        if device.index >= torch.cuda.device_count():
+            raise TeacherPassError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(device)
     if cfg.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -362,12 +366,30 @@ def load_tokenizer_and_config(cfg: TeacherConfig) -> tuple[Any, Any, int]:
     logits_size = _config_vocab(mconf)
     if logits_size is None:
         raise TeacherPassError(f"--model {cfg.model}: its config names no vocab_size")
+    _check_weights(mpath)
     _check_vocab(len(tok), logits_size, tpath)
     if cfg.add_eos and tok.eos_token_id is None:
         raise TeacherPassError(f"the tokenizer ({tpath}) has no EOS token; pass --no-add-eos or a tokenizer with one")
     if cfg.add_bos and tok.bos_token_id is None:
         raise TeacherPassError(f"the tokenizer ({tpath}) has no BOS token; drop --add-bos or use a tokenizer with one")
     return tok, mconf, logits_size
+
+
+def _check_weights(mpath: Path) -> None:
+    """The weight files from_pretrained will look for, checked before anything is written
+    (the load itself comes after the output directory is set up)."""
+    index = next((mpath / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (mpath / n).exists()), None)
+    if index is not None:
+        try:
+            files = set(read_json(index)["weight_map"].values())
+        except (KeyError, TypeError, AttributeError):
+            raise TeacherPassError(f"--model {mpath}: {index.name} has no weight_map; save the model again") from None
+        missing = sorted(f for f in files if not (mpath / f).is_file())
+        if missing:
+            raise TeacherPassError(f"--model {mpath}: {index.name} names weight files that are missing: {missing[:3]}")
+    elif not any((mpath / n).is_file() for n in ("model.safetensors", "pytorch_model.bin")):
+        raise TeacherPassError(f"--model {mpath} holds no weights (model.safetensors or pytorch_model.bin); save the model "
+                               "there with save_pretrained, or point --model at the folder that has them")
 
 
 def _check_vocab(n_tok: int, logits_size: int, tpath: str) -> None:
@@ -382,7 +404,10 @@ def load_model(cfg: TeacherConfig, mconf: Any, rt: _Runtime, n_tok: int) -> tupl
     """(model in eval mode on the device, its actual logits size)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=True, dtype=rt.dtype, config=mconf)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=True, dtype=rt.dtype, config=mconf)
+    except OSError as e:  # a weight file that went missing or unreadable since _check_weights
+        raise TeacherPassError(f"--model {cfg.model}: its weights could not be loaded ({e})") from None
     model.to(rt.device).eval()
     out_emb = model.get_output_embeddings()
     logits_size = int(out_emb.weight.shape[0]) if out_emb is not None else int(_config_vocab(mconf) or 0)

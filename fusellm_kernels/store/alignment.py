@@ -96,6 +96,8 @@ class AlignmentStore:
 
     def __init__(self, path: str | os.PathLike[str], verify: bool = True) -> None:
         self.root = Path(path)
+        if not self.root.exists():
+            raise StoreError(f"the alignment {self.root} does not exist; run `fusellm align` to make it, or check the path")
         mpath = self.root / "manifest.json"
         if not mpath.exists():
             raise StoreError(f"{self.root} is not a complete alignment: {mpath.name} is missing (run or resume `fusellm align`)")

@@ -183,6 +183,8 @@ class BlockStore:
 
     def __init__(self, path: str | os.PathLike[str], verify: bool = True) -> None:
         self.root = Path(path)
+        if not self.root.exists():
+            raise StoreError(f"the block directory {self.root} does not exist; run `fusellm assemble` to make it, or check the path")
         mpath = self.root / "manifest.json"
         if not mpath.exists():
             raise StoreError(f"{self.root} holds no complete assembled blocks: {mpath.name} is missing (run `fusellm assemble`)")

@@ -296,6 +296,8 @@ class TeacherStore:
 
     def __init__(self, path: str | os.PathLike[str], verify: bool = True) -> None:
         self.root = Path(path)
+        if not self.root.exists():
+            raise StoreError(f"the teacher store {self.root} does not exist; run `fusellm teacher` to make it, or check the path")
         mpath = self.root / "manifest.json"
         if not mpath.exists():
             hint = (" — settings.json is there, so the teacher pass has not finished; run the same command again to resume it"
