@@ -380,9 +380,17 @@ def _fuse_run(a: argparse.Namespace) -> RunSummary:
                                    ("progress", False if a.no_progress else None),
                                    ("clm_seeds", a.clm_seeds and tuple(a.clm_seeds)),
                                    ("fusion_seeds", a.fusion_seeds and tuple(a.fusion_seeds))) if v is not None}
+    from fusellm_kernels.demo.corpus import DemoCorpusError
+
+    user_errors: tuple[type[BaseException], ...] = (FuseError, DemoCorpusError)
+    if _training_package():
+        from training.config import ConfigError
+        from training.parallel import ModelError
+
+        user_errors += (ConfigError, ModelError)  # the stages' own refusals, raised mid-job
     try:
         rep = run_fuse(preset(a.preset, **overrides), overwrite=a.overwrite)
-    except FuseError as e:
+    except user_errors as e:
         print(f"fusellm fuse: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     c = rep["corpus"]
