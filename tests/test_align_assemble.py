@@ -53,6 +53,16 @@ def aligned(stores):
     return out
 
 
+@pytest.fixture(scope="module")
+def blocks(stores, aligned) -> Path:
+    """The default blocks (soft alignment, block_len 48); tests that read them need not run
+    after the test that checks their assembly."""
+    out = stores / "blocks"
+    run_assemble(AssembleConfig(target=str(stores / "target"), sources=(str(aligned["soft"]),), output=str(out),
+                                block_len=48, blocks_per_shard=3, progress=False))
+    return out
+
+
 def _row_teacher(ids, logits):
     """What the loss sees of one row: the first slot of each valid id, in order."""
     seen = {}
@@ -171,8 +181,8 @@ def test_reference_block_score_is_the_originals(stores, aligned):
     assert float(blk.block_ce[0]) == pytest.approx(expected, rel=1e-4, abs=1e-3)
 
 
-def test_training_batch_feeds_the_loss(stores, aligned):
-    bs = BlockStore(stores / "blocks")
+def test_training_batch_feeds_the_loss(stores, aligned, blocks):
+    bs = BlockStore(blocks)
     target, source = TeacherStore(stores / "target"), TeacherStore(stores / "source")
     vmap = torch.load(aligned["soft"] / "vocab_map.pt", weights_only=True)
     for weighting in ("block", "document", "token"):
@@ -237,8 +247,8 @@ def test_cli_align_and_assemble(stores, tmp_path, capsys):
     assert "is not a complete alignment" in capsys.readouterr().err
 
 
-def test_reference_empty_rows_take_the_targets_distribution(stores, aligned):
-    bs = BlockStore(stores / "blocks")
+def test_reference_empty_rows_take_the_targets_distribution(stores, aligned, blocks):
+    bs = BlockStore(blocks)
     target, source = TeacherStore(stores / "target"), TeacherStore(stores / "source")
     vmap = torch.full_like(torch.load(aligned["soft"] / "vocab_map.pt", weights_only=True), -1)  # nothing maps: every aligned row is empty
     plain = build_batch([bs[0]], [target, source], [None, vmap])
