@@ -33,13 +33,14 @@ import triton.language as tl
 from torch import Tensor
 
 from fusellm_kernels.ops._numerics import needs_rne_bf16, to_stored_dtype
+from fusellm_kernels.ops.launch_config import device_spec, fusion_loss_launch, scale_rows_launch
 from fusellm_kernels.validation import second_backward_error
 
 
 @triton.jit
 def _fusion_loss_kernel(
     logits_ptr, labels_ptr, ids_ptr, tlog_ptr, w_ptr, fmask_ptr, ce_coef_ptr, f_coef_ptr, up_ptr,
-    row_loss_ptr, ce_row_ptr, d_row_ptr, lse_ptr, grad_ptr,
+    row_loss_ptr, ce_row_ptr, d_row_ptr, lse_ptr, grad_ptr, scratch_id_ptr, scratch_p_ptr,
     stride_zn, stride_ln, stride_is, stride_in, stride_ik, stride_ts, stride_tn, stride_tk,
     stride_ws, stride_wn, stride_up, stride_gn,
     N, V, S, K,
@@ -69,21 +70,39 @@ def _fusion_loss_kernel(
             ce_on = label != ignore_index
             label_ok = ce_on & (label >= 0) & (label < V)
 
-            # ---- the candidates' sparse distributions, [S_P, K_P] ----
+            # ---- the candidates' sparse distributions: entries e = s·K_P + j, as [E] and [S_P, K_P] ----
+            E: tl.constexpr = S_P * K_P
+            e_idx = tl.arange(0, E)
+            e_s = e_idx // K_P
+            e_k = e_idx % K_P
+            slot_ok = (e_s < S) & (e_k < K)
+            e_raw = tl.load(ids_ptr + e_s * stride_is + row * stride_in + e_k * stride_ik, mask=slot_ok, other=-1).to(tl.int32)
+            e_valid = slot_ok & (e_raw >= 0) & (e_raw < V)
+            e_raw = tl.where(e_valid, e_raw, -1)
+            # Duplicates by a loop over the entries through this program's scratch row, so every
+            # value stays an [E] vector: [E, E] comparison tiles cost 40+ registers per thread at
+            # E = 64. An entry repeats an id held by an earlier entry of its own candidate (it is
+            # dropped: the first slot wins) or of any candidate (it does not write the gradient).
+            scr_id = scratch_id_ptr + tl.program_id(0) * E
+            scr_p = scratch_p_ptr + tl.program_id(0) * E
+            tl.debug_barrier()  # the previous row's reads of the scratch row are done
+            tl.store(scr_id + e_idx, e_raw)
+            tl.debug_barrier()  # every entry is visible to every thread
+            n_same = tl.zeros([E], dtype=tl.int32)  # earlier entries of the same candidate with this id
+            n_any = tl.zeros([E], dtype=tl.int32)  # earlier entries of any candidate with this id
+            for j in range(0, S * K_P):
+                hit = e_valid & (e_raw == tl.load(scr_id + j)) & (e_idx > j)
+                n_same += (hit & (e_s == j // K_P)).to(tl.int32)
+                n_any += hit.to(tl.int32)
+            e_keep = e_valid & (n_same == 0)
+            first = e_valid & (n_any == 0)
+            e_ids = tl.where(e_keep, e_raw, -1)
+
+            keep = tl.reshape(e_keep, [S_P, K_P])
             s_idx = tl.arange(0, S_P)
-            k_idx = tl.arange(0, K_P)
-            slot_ok = (s_idx[:, None] < S) & (k_idx[None, :] < K)
-            ids = tl.load(ids_ptr + s_idx[:, None] * stride_is + row * stride_in + k_idx[None, :] * stride_ik,
-                          mask=slot_ok, other=-1).to(tl.int32)
-            valid = slot_ok & (ids >= 0) & (ids < V)
-            # slot j repeats an id already held by an earlier valid slot i < j of the same candidate
-            same = ids[:, :, None] == ids[:, None, :]
-            earlier = k_idx[None, None, :] < k_idx[None, :, None]
-            repeat = tl.max((same & earlier & valid[:, None, :]).to(tl.int32), axis=2) > 0
-            keep = valid & (repeat == 0)
-            x = tl.load(tlog_ptr + s_idx[:, None] * stride_ts + row * stride_tn + k_idx[None, :] * stride_tk,
-                        mask=keep, other=0.0).to(tl.float32) * inv_temperature
-            x = tl.where(keep, x, float("-inf"))
+            x = tl.load(tlog_ptr + e_s * stride_ts + row * stride_tn + e_k * stride_tk,
+                        mask=e_keep, other=0.0).to(tl.float32) * inv_temperature
+            x = tl.reshape(tl.where(e_keep, x, float("-inf")), [S_P, K_P])
             has_s = tl.sum(keep.to(tl.int32), axis=1) > 0
             x_max = tl.where(has_s, tl.max(x, axis=1), 0.0)
             ex = tl.where(keep, tl.exp(x - x_max[:, None]), 0.0)
@@ -93,13 +112,14 @@ def _fusion_loss_kernel(
             w_total = tl.sum(w, axis=0)
             fmask = tl.load(fmask_ptr + row) != 0
             has_f = fmask & (w_total > 0)
-            P = w[:, None] * p / tl.where(w_total > 0, w_total, 1.0)
+            e_P = tl.reshape(w[:, None] * p / tl.where(w_total > 0, w_total, 1.0), [E])
 
-            E: tl.constexpr = S_P * K_P
-            e_ids = tl.reshape(ids, [E])
-            e_keep = tl.reshape(keep, [E])
-            e_P = tl.reshape(P, [E])
-            same_id = (e_ids[:, None] == e_ids[None, :]) & e_keep[:, None] & e_keep[None, :]
+            # P at each entry's id, summed over the candidates that hold it
+            tl.store(scr_p + e_idx, e_P)
+            tl.debug_barrier()
+            merged = tl.zeros([E], dtype=tl.float32)
+            for j in range(0, S * K_P):
+                merged += tl.where(e_keep & (e_ids == tl.load(scr_id + j)), tl.load(scr_p + j), 0.0)
 
             v_off = tl.arange(0, BLOCK_V)
             if BACKWARD:
@@ -131,7 +151,6 @@ def _fusion_loss_kernel(
                 ce = tl.where(ce_on & (label_ok == 0), float("nan"), ce)
                 d = tl.sum(tl.where(e_keep, e_P * (lse - e_z), 0.0), axis=0)
                 if KL:
-                    merged = tl.sum(tl.where(same_id, e_P[None, :], 0.0), axis=1)  # P at id_e
                     d += tl.sum(tl.where(e_keep & (e_P > 0), e_P * tl.log(tl.where(e_P > 0, merged, 1.0)), 0.0), axis=0)
                 d = tl.where(has_f, d, 0.0)
                 tl.store(ce_row_ptr + row, ce)
@@ -152,9 +171,7 @@ def _fusion_loss_kernel(
                 # The sparse rewrites below must land after every thread's dense stores.
                 tl.debug_barrier()
                 # ---- the sparse corrections, duplicates merged so each position is written once ----
-                e_idx = tl.arange(0, E)
-                first = e_keep & (tl.sum((same_id & (e_idx[None, :] < e_idx[:, None])).to(tl.int32), axis=1) == 0)
-                e_coef = tl.sum(tl.where(same_id, b * e_P[None, :], 0.0), axis=1) + tl.where(e_ids == label, a, 0.0)
+                e_coef = b * merged + tl.where(e_ids == label, a, 0.0)
                 e_grad = c * tl.exp(e_z - lse) - e_coef
                 tl.store(g_row + e_ids, to_stored_dtype(e_grad, grad_ptr, RNE_BF16), mask=first)
                 label_in_teacher = tl.sum((e_keep & (e_ids == label)).to(tl.int32), axis=0) > 0
@@ -176,51 +193,36 @@ def _scale_rows_kernel(grad_ptr, gout_ptr, stride_gn, stride_o, V, BLOCK_V: tl.c
             tl.store(g_row + cols, to_stored_dtype(g * scale, grad_ptr, RNE_BF16), mask=cols < V)
 
 
-def _programs(n: int, v: int, device: torch.device) -> int:
-    """How many persistent programs share the rows. On GPUs the rows in flight bound the
-    L2 footprint of the backwards pass 2 (programs × V × bytes); a few programs per SM keep
-    HBM busy. Under the interpreter a handful of programs makes every test walk several rows
-    per program."""
-    if device.type != "cuda":
-        return min(n, 4)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return min(n, sms * (4 if v < 65536 else 2))
-
-
-def _block_v(v: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_V, num_warps): wide blocks under the interpreter (its cost is per op), a
-    register-friendly 4096-wide block with 8 warps on GPUs (16 for large vocabularies)."""
-    if device.type != "cuda":
-        return min(triton.next_power_of_2(v), 1 << 15), 4
-    return min(triton.next_power_of_2(v), 4096), (16 if v >= 65536 else 8)
-
-
 def _launch(
     logits: Tensor, labels: Tensor, teacher_ids: Tensor, teacher_logits: Tensor, weights: Tensor, fusion_mask: Tensor,
     ce_coef: Tensor, f_coef: Tensor, lse: Tensor, grad: Tensor | None, upstream: Tensor | None,
     rows: tuple[Tensor, Tensor, Tensor] | None, *, temperature: float, kl: bool, ignore_index: int, backward: bool,
+    programs_per_sm: int | None = None,
 ) -> None:
     n, v = logits.shape
     if n == 0:
         return
     s, _, k = teacher_ids.shape
-    block_v, num_warps = _block_v(v, logits.device)
+    cfg = fusion_loss_launch(n, v, device_spec(logits.device), programs_per_sm, logits.element_size())
     out = grad if grad is not None else logits  # not written unless WRITE_GRAD
     up = upstream if upstream is not None else lse  # not read unless BACKWARD
     row_loss, ce_row, d_row = rows if rows is not None else (lse, lse, lse)  # not written in BACKWARD
-    _fusion_loss_kernel[(_programs(n, v, logits.device),)](
+    e = triton.next_power_of_2(s) * triton.next_power_of_2(k)
+    scratch_id = torch.empty(cfg.grid, e, dtype=torch.int32, device=logits.device)  # one row per program
+    scratch_p = torch.empty(cfg.grid, e, dtype=torch.float32, device=logits.device)
+    _fusion_loss_kernel[(cfg.grid,)](
         logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, up,
-        row_loss, ce_row, d_row, lse, out,
+        row_loss, ce_row, d_row, lse, out, scratch_id, scratch_p,
         logits.stride(0), labels.stride(0),
         teacher_ids.stride(0), teacher_ids.stride(1), teacher_ids.stride(2),
         teacher_logits.stride(0), teacher_logits.stride(1), teacher_logits.stride(2),
         weights.stride(0), weights.stride(1), up.stride(0), out.stride(0),
         n, v, s, k,
         1.0 / temperature, ignore_index,
-        BLOCK_V=block_v, S_P=triton.next_power_of_2(s), K_P=triton.next_power_of_2(k),
+        BLOCK_V=cfg.block, S_P=triton.next_power_of_2(s), K_P=triton.next_power_of_2(k),
         KL=kl, WRITE_GRAD=grad is not None, BACKWARD=backward, HAS_UP=upstream is not None and not backward,
         RNE_BF16=needs_rne_bf16(out),
-        num_warps=num_warps,
+        num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
     )
 
 
@@ -239,6 +241,7 @@ def fusion_loss_forward(
     ignore_index: int,
     grad: Tensor | None,
     upstream: Tensor | None = None,
+    programs_per_sm: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Row losses and, when `grad` is given, the gradient for the upstream gradient [N] of the
     row losses (`upstream`, float32; None means 1 everywhere).
@@ -247,12 +250,14 @@ def fusion_loss_forward(
     teacher_logits [S, N, K] (any strides); weights [S, N] float; fusion_mask [N] uint8;
     ce_coef, f_coef float32 scalars on the device; grad [N, V] with unit stride along V (it
     may be `logits` itself). Returns row_loss, ce_row, d_row, lse, each float32 [N].
+    `programs_per_sm` overrides the launch configuration's choice (see `launch_config`).
     Peak extra memory: 16·N bytes (plus `grad`, owned by the caller).
     """
     n = logits.shape[0]
     row_loss, ce_row, d_row, lse = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(4))
     _launch(logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, lse, grad, upstream,
-            (row_loss, ce_row, d_row), temperature=temperature, kl=kl, ignore_index=ignore_index, backward=False)
+            (row_loss, ce_row, d_row), temperature=temperature, kl=kl, ignore_index=ignore_index, backward=False,
+            programs_per_sm=programs_per_sm)
     return row_loss, ce_row, d_row, lse
 
 
@@ -273,9 +278,10 @@ def scale_rows_(grad: Tensor, grad_output: Tensor) -> Tensor:
     Used when the logits are gone (inplace_backward): the result is rounded twice."""
     n, v = grad.shape
     if n:
-        block_v, num_warps = _block_v(v, grad.device)
-        _scale_rows_kernel[(n,)](grad, grad_output, grad.stride(0), grad_output.stride(0), v,
-                                 BLOCK_V=block_v, RNE_BF16=needs_rne_bf16(grad), num_warps=num_warps)
+        cfg = scale_rows_launch(n, v, device_spec(grad.device), grad.element_size())
+        _scale_rows_kernel[(cfg.grid,)](grad, grad_output, grad.stride(0), grad_output.stride(0), v,
+                                        BLOCK_V=cfg.block, RNE_BF16=needs_rne_bf16(grad), num_warps=cfg.num_warps,
+                                        maxnreg=cfg.maxnreg)
     return grad
 
 

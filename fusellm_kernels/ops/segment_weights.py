@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fusellm_kernels.ops.launch_config import device_spec, segment_weights_launch
+
 STRATEGY_CODES = {"min_ce": 0, "avg_ce": 1, "softmin_ce": 2}
 
 
@@ -101,13 +103,14 @@ def segment_weights_triton(
     w = torch.empty(s, n, dtype=torch.float32, device=teacher_ce.device)
     if n == 0:
         return w
-    block_r = 32 if teacher_ce.device.type == "cpu" else 256
-    _segment_weights_kernel[(n,)](
+    cfg = segment_weights_launch(n, device_spec(teacher_ce.device))
+    _segment_weights_kernel[(cfg.grid,)](
         teacher_ce, labels, segment_ids, w,
         teacher_ce.stride(0), teacher_ce.stride(1), w.stride(0), w.stride(1),
         n, s,
         ignore_index, 1.0 / ce_temperature,
-        STRATEGY=STRATEGY_CODES[strategy], S_P=triton.next_power_of_2(s), BLOCK_R=block_r,
+        STRATEGY=STRATEGY_CODES[strategy], S_P=triton.next_power_of_2(s), BLOCK_R=cfg.block,
+        num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
     )
     return w
 

@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fusellm_kernels.ops._numerics import needs_rne_bf16, to_stored_dtype
+from fusellm_kernels.ops.launch_config import device_spec, teacher_gather_launch
 
 
 @triton.jit
@@ -57,12 +58,13 @@ def teacher_gather_triton(
     if n == 0:
         return
     kc = topk_ids.shape[1]
-    block_n = 64
+    cfg = teacher_gather_launch(n, device_spec(out_ids.device))
     vmap = vocab_map if vocab_map is not None else fallback_id  # never read without HAS_MAP
-    _teacher_gather_kernel[(triton.cdiv(n, block_n),)](
+    _teacher_gather_kernel[(cfg.grid,)](
         topk_ids, topk_logits, source_rows, fallback_id, vmap, out_ids, out_logits,
         topk_ids.stride(0), topk_ids.stride(1), topk_logits.stride(0), topk_logits.stride(1),
         out_ids.stride(0), out_ids.stride(1), out_logits.stride(0), out_logits.stride(1),
         n, kc, k_out, vmap.shape[0],
-        HAS_MAP=vocab_map is not None, RNE_BF16=needs_rne_bf16(out_logits), BLOCK_N=block_n, K_P=triton.next_power_of_2(max(kc, k_out)),
+        HAS_MAP=vocab_map is not None, RNE_BF16=needs_rne_bf16(out_logits), BLOCK_N=cfg.block, K_P=triton.next_power_of_2(max(kc, k_out)),
+        num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
     )
