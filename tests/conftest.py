@@ -28,9 +28,13 @@ HAS_CUDA = torch.cuda.is_available()
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_cuda = pytest.mark.skip(reason="needs a CUDA device (bench/gpu_check.sh runs these)")
+    skip_sweep = pytest.mark.skip(reason="the exhaustive compile sweep runs only when selected: pytest -m compile_sweep")
+    sweep_selected = "compile_sweep" in (config.getoption("markexpr", "") or "")
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
+        if "compile_sweep" in item.keywords and not sweep_selected:
+            item.add_marker(skip_sweep)
 
 
 @pytest.fixture(autouse=True)
