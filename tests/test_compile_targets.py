@@ -116,7 +116,8 @@ def test_ci_set_covers_every_launcher_choice(ci_report):
             assert any(s[:2] == (target, warps) and s[4] for s in seen), f"backward recompute on {target} at {warps} warps"
     cases = {c for r in ci_report["results"] for c in r["cases"]}
     for needle in ("fused_linear V128256 S3 K10 bf16 upstream kl", "segment_weights V32000 S3 K10 bf16 softmin_ce",
-                   "teacher_gather V128256 S1 K16 fp32 map", "fusion_loss V128256 S3 K16 bf16 inplace kl"):
+                   "teacher_gather V128256 S1 K16 fp32 map", "fusion_loss V128256 S3 K16 bf16 inplace kl",
+                   "fusion_loss V50257 S3 K10 bf16 grad kl"):
         assert needle in cases, needle
     assert {r["constexprs"]["S_P"] for r in loss} == {1, 4} and {r["constexprs"]["K_P"] for r in loss} == {16}
 
@@ -135,6 +136,8 @@ def test_what_an_h100_launches():
     assert (large.grid, large.num_warps, large.block, large.programs_per_sm, large.maxnreg) == (264, 16, 4096, 2, 64)
     fp32 = fusion_loss_launch(8192, 32_000, H100, elem_bytes=4)
     assert fp32.block == 2048
+    odd = fusion_loss_launch(8192, 50_257, H100, row_aligned=False)  # no 16-byte vectors: 8 logits per thread
+    assert (odd.block, odd.num_warps) == (2048, 8)
     assert fusion_loss_launch(100, 128_256, H100).grid == 100  # never more programs than rows
     assert fusion_loss_launch(8192, 128_256, A100).grid == 216
     swept = fusion_loss_launch(8192, 128_256, H200, programs_per_sm=1)

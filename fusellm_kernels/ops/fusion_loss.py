@@ -203,7 +203,9 @@ def _launch(
     if n == 0:
         return
     s, _, k = teacher_ids.shape
-    cfg = fusion_loss_launch(n, v, device_spec(logits.device), programs_per_sm, logits.element_size())
+    # Triton vectorises a row's loads and stores when its base is 16-byte aligned and its stride a multiple of 16
+    aligned = all(t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (logits, grad) if t is not None)
+    cfg = fusion_loss_launch(n, v, device_spec(logits.device), programs_per_sm, logits.element_size(), aligned)
     out = grad if grad is not None else logits  # not written unless WRITE_GRAD
     up = upstream if upstream is not None else lse  # not read unless BACKWARD
     row_loss, ce_row, d_row = rows if rows is not None else (lse, lse, lse)  # not written in BACKWARD
@@ -278,7 +280,8 @@ def scale_rows_(grad: Tensor, grad_output: Tensor) -> Tensor:
     Used when the logits are gone (inplace_backward): the result is rounded twice."""
     n, v = grad.shape
     if n:
-        cfg = scale_rows_launch(n, v, device_spec(grad.device), grad.element_size())
+        cfg = scale_rows_launch(n, v, device_spec(grad.device), grad.element_size(),
+                                grad.stride(0) % 16 == 0 and grad.data_ptr() % 16 == 0)
         _scale_rows_kernel[(cfg.grid,)](grad, grad_output, grad.stride(0), grad_output.stride(0), v,
                                         BLOCK_V=cfg.block, RNE_BF16=needs_rne_bf16(grad), num_warps=cfg.num_warps,
                                         maxnreg=cfg.maxnreg)

@@ -70,6 +70,24 @@ def assume_device(spec: DeviceSpec) -> Iterator[None]:
         _assumed.reset(token)
 
 
+_programs: contextvars.ContextVar[int | None] = contextvars.ContextVar("fusellm_programs_per_sm", default=None)
+
+
+@contextlib.contextmanager
+def persistent_programs(programs_per_sm: int) -> Iterator[None]:
+    """Launch the fusion-loss kernel with `programs_per_sm` persistent programs per SM instead
+    of the launcher's choice, for launches made inside the block (the benchmark's sweep:
+    `with persistent_programs(3): fusion_loss(...)`). The register budget follows
+    (`register_limit`); more programs than an SM's threads hold is refused."""
+    if programs_per_sm < 1:
+        raise ValueError(f"programs_per_sm must be at least 1, got {programs_per_sm}")
+    token = _programs.set(programs_per_sm)
+    try:
+        yield
+    finally:
+        _programs.reset(token)
+
+
 def device_spec(device: torch.device) -> DeviceSpec | None:
     """The spec of a CUDA device (read once per device), or None elsewhere (unless assumed)."""
     if device.type != "cuda":
@@ -123,28 +141,38 @@ LARGE_VOCAB = 65536
 
 
 def fusion_loss_launch(n: int, v: int, spec: DeviceSpec | None, programs_per_sm: int | None = None,
-                       elem_bytes: int = 2) -> Launch:
-    """The fusion-loss kernel: persistent programs over rows, a 4096-wide vocabulary block.
+                       elem_bytes: int = 2, row_aligned: bool = True) -> Launch:
+    """The fusion-loss kernel: persistent programs over rows, a vocabulary block of ≤ 4096.
 
     On GPUs the programs in flight bound pass 2's L2 footprint (programs × V × bytes: the
     backwards walk re-reads the row's most recent blocks from L2) and a few programs per SM
     keep HBM busy: 4 programs of 8 warps below V = 65 536, 2 of 16 warps from there.
-    `programs_per_sm` overrides that (benchmarks sweep it)."""
+    `programs_per_sm` (or an enclosing `persistent_programs`) overrides that (the benchmark
+    sweeps it).
+
+    Block: 16 logits per thread where they arrive as 16-byte vectors (16-bit logits whose
+    row stride is a multiple of 16 elements, `row_aligned`), else 8 — fp32 vectors hold 4
+    logits, and an unaligned row (V = 50 257) is read element by element; either way 16 per
+    thread would need more addresses than the 64-register budget holds (measured: 4–36
+    bytes of spills at 8 warps)."""
     if spec is None:
         return Launch(grid=min(n, 4), num_warps=4, block=min(_next_power_of_2(v), 1 << 15), programs_per_sm=0)
     large = v >= LARGE_VOCAB
-    pps = programs_per_sm if programs_per_sm is not None else (2 if large else 4)
+    pps = programs_per_sm if programs_per_sm is not None else _programs.get()
+    pps = pps if pps is not None else (2 if large else 4)
     warps = 16 if large else 8
-    # 16 logits per thread per block: 4096 at 8 warps in 16-bit, 2048 in fp32 (whose 16-byte loads
-    # hold 4 logits, so a 4096 block needs twice the addresses and registers)
-    block = 4096 if elem_bytes <= 2 or large else 2048
+    if pps * warps * 32 > spec.max_threads_per_sm:
+        raise ValueError(f"{pps} programs per SM of {warps} warps need {pps * warps * 32} threads; "
+                         f"an SM of {spec.name} holds {spec.max_threads_per_sm}")
+    per_thread = 16 if elem_bytes <= 2 and row_aligned else 8
+    block = min(4096, warps * 32 * per_thread)
     return _launch(spec, grid=max(1, min(n, spec.sm_count * pps)), num_warps=warps,
                    block=min(_next_power_of_2(v), block), programs_per_sm=pps)
 
 
-def scale_rows_launch(n: int, v: int, spec: DeviceSpec | None, elem_bytes: int = 2) -> Launch:
+def scale_rows_launch(n: int, v: int, spec: DeviceSpec | None, elem_bytes: int = 2, row_aligned: bool = True) -> Launch:
     """grad *= upstream row-wise: one program per row, the fusion loss's block and warps."""
-    loss = fusion_loss_launch(n, v, spec, elem_bytes=elem_bytes)
+    loss = fusion_loss_launch(n, v, spec, elem_bytes=elem_bytes, row_aligned=row_aligned)
     return dataclasses.replace(loss, grid=n)
 
 
