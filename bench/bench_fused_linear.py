@@ -10,17 +10,23 @@ weight and, with --bias, bias):
   fused        fusellm_kernels.fused_linear_fusion_loss: λ·CE + (1-λ)·soft-CE to the min-CE
                teacher, chunked, no [N, V] logits. With --chunk-rows, one provider per chunk
                size: `fused` for the automatic one (0), `fused_c<rows>` for the others.
+  fused_ce     the same op with lam=1 (the teacher term weighted 0): our CE-only mode, the
+               like-for-like comparison with the CE-only baselines below; checked against
+               cross_entropy on materialised logits
   eager        logits = hidden @ weight.T (+ bias), then fusellm_kernels.reference.fusion_loss_gather
                (log_softmax + gather at the S·K teacher ids): what a training loop does without us
+  torch_lce    torch.nn.functional.linear_cross_entropy (torch >= 2.13), as called by default
+               (options=None): CE only. Skipped, with the reason recorded, on an older torch
   liger_flce   Liger-Kernel fused linear cross entropy: CE only, no teacher term
   cce          Cut Cross-Entropy (cut_cross_entropy.linear_cross_entropy, its defaults): CE only
 
 Floor: 6·N·H·V FLOPs (the logits, then the gradients to hidden and to weight) at the bf16
 matmul rate measured on the same card in the same run. Before timing, once per shape, every
-fused variant is checked against eager on the benchmark's own inputs plus a random bias (so
-the bias gradient is checked too even when --bias is off): relative error of the loss and of
-each of the three gradients. A wrong result is recorded and fails the run (exit 1). The
-CE-only providers compute a different loss and are not checked.
+fused variant is checked against eager (fused_ce against cross_entropy on the materialised
+logits) on the benchmark's own inputs plus a random bias (so the bias gradient is checked too
+even when --bias is off): relative error of the loss and of each of the three gradients. A
+wrong result is recorded and fails the run (exit 1). The CE-only baselines (torch_lce,
+liger_flce, cce) are not checked.
 
 Peak extra memory is what a forward + backward allocates above its inputs, minus the
 gradients it returns (those are the op's output; a fused kernel's fp32 weight-gradient
@@ -65,9 +71,12 @@ from bench.common import (
 
 OP = "fused_linear_loss"
 # The CE-only baselines run last in every shape, after everything that is checked.
-PROVIDERS = ("fused", "eager", "liger_flce", "cce")
+PROVIDERS = ("fused", "fused_ce", "eager", "torch_lce", "liger_flce", "cce")
 REFERENCE = "eager"
-CE_ONLY = ("liger_flce", "cce")
+# What each checked provider is checked against (`eager_ce` is a reference only, never timed).
+REFERENCES = {"fused": REFERENCE, "fused_ce": "eager_ce"}
+CE_ONLY = ("torch_lce", "liger_flce", "cce")
+CE_ONLY_LAM = 1.0  # fused_ce: λ = 1, so the loss is plain mean cross entropy, as the CE-only baselines compute
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 # fp32: both sides do the same fp32 arithmetic in a different order. bf16/fp16: both sides
 # store the logits and their gradient in the input dtype; they differ where a matmul tiles
@@ -136,6 +145,17 @@ def build_provider(name: str, device: torch.device, chunk_rows: int | None = Non
             x.hidden, x.weight, x.labels, x.teacher_ids, x.teacher_logits, bias=x.bias, chunk_rows=chunk_rows,
             backend="auto", **_loss_kwargs(x),
         )
+    if name == "fused_ce":
+        from fusellm_kernels import fused_linear_fusion_loss
+
+        return lambda x: fused_linear_fusion_loss(
+            x.hidden, x.weight, x.labels, x.teacher_ids, x.teacher_logits, bias=x.bias, chunk_rows=chunk_rows,
+            backend="auto", **{**_loss_kwargs(x), "lam": CE_ONLY_LAM},
+        )
+    if name == "eager_ce":  # the reference of fused_ce
+        return lambda x: torch.nn.functional.cross_entropy(
+            torch.nn.functional.linear(x.hidden, x.weight, x.bias).float(), x.labels, ignore_index=IGNORE_INDEX
+        )
     if name == "eager":
         from fusellm_kernels.reference import fusion_loss_gather
 
@@ -144,6 +164,14 @@ def build_provider(name: str, device: torch.device, chunk_rows: int | None = Non
             return fusion_loss_gather(logits, x.labels, x.teacher_ids, x.teacher_logits, **_loss_kwargs(x))
 
         return eager
+    if name == "torch_lce":
+        native = getattr(torch.nn.functional, "linear_cross_entropy", None)
+        if native is None:
+            raise Skip(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy (added in 2.13)")
+        # options=None: the call as documented and as a user writes it (linear + cross_entropy
+        # under one op). The chunked path (options=LinearCrossEntropyOptions()) was slower on
+        # CPU in fp32 (bench/README.md, "CPU baseline").
+        return lambda x: native(x.hidden, x.weight, x.labels, linear_bias=x.bias, ignore_index=IGNORE_INDEX)
     if name == "liger_flce":
         if device.type != "cuda":
             raise Skip("Liger's Triton kernels need CUDA")
@@ -196,7 +224,7 @@ class Variant:
 
     label: str
     name: str
-    chunk_rows: int | None = None  # fused only; None = the op's automatic choice
+    chunk_rows: int | None = None  # fused/fused_ce only; None = the op's automatic choice
 
 
 def variants(providers: list[str], chunk_rows: tuple[int, ...]) -> list[Variant]:
@@ -212,7 +240,7 @@ def variants(providers: list[str], chunk_rows: tuple[int, ...]) -> list[Variant]
 
 def chunk_extra(variant: Variant, n: int, v: int, dtype: torch.dtype, device: torch.device) -> dict:
     """The chunk size the fused op will use and the number of chunks (for the record)."""
-    if variant.name != "fused":
+    if variant.name not in ("fused", "fused_ce"):
         return {}
     rows = variant.chunk_rows
     if rows is None:
@@ -249,6 +277,7 @@ def bench_provider(
     rotation: InputRotation[LinearInputs],
     check: tuple[LinearInputs, tuple[Tensor, tuple[Tensor, ...]]] | None,
     cfg: Config,
+    reference: str = REFERENCE,
 ) -> tuple[Timing | None, float | None, dict]:
     """Check, time and measure one provider on one shape: (timing or None, peak extra MiB, extra)."""
     extra: dict = {"inputs_rotated": len(rotation)}
@@ -260,7 +289,7 @@ def bench_provider(
         errors = relative_errors(first, check[1])
         grad_err = max(v for k, v in errors.items() if k.startswith("grad_"))
         ok = errors["loss_rel_err"] <= LOSS_RTOL[cfg.dtype] and grad_err <= GRAD_RTOL[cfg.dtype]
-        extra.update(checked_against=REFERENCE, checked_with_bias=True, **errors, grad_rel_err=grad_err, check_ok=ok)
+        extra.update(checked_against=reference, checked_with_bias=True, **errors, grad_rel_err=grad_err, check_ok=ok)
         print(f"  check {variant.label}: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()) + f" -> {'ok' if ok else 'WRONG'}", flush=True)
         if not ok:
             return None, None, {**extra, "skipped": f"wrong result: loss rel {errors['loss_rel_err']:.2e}, grad rel {grad_err:.2e}"}
@@ -314,7 +343,7 @@ def run(cfg: Config, providers: list[str], out_file: Path, env: Environment) -> 
             check_inputs = first_set if first_set.bias is not None else dataclasses.replace(
                 first_set, bias=random_bias(v, cfg.dtype, cfg.device, seed + 7)
             )
-            reference: tuple[Tensor, tuple[Tensor, ...]] | None = None
+            references: dict[str, tuple[Tensor, tuple[Tensor, ...]]] = {}
             chunks_done: dict[int, str] = {}  # resolved rows per chunk -> the fused variant that ran them
             for variant in variants(providers, cfg.chunk_rows):
                 if variant not in built:
@@ -325,7 +354,7 @@ def run(cfg: Config, providers: list[str], out_file: Path, env: Environment) -> 
                 fn = built[variant]
                 base = dict(op=OP, provider=variant.label, shape=shape, dtype=cfg.dtype, env=env, flops=6 * n * h * v, ceilings=ceilings)
                 notes = chunk_extra(variant, n, v, cfg.dtype, cfg.device)
-                same = chunks_done.get(notes.get("chunk_rows", -1))
+                same = chunks_done.get(notes.get("chunk_rows", -1)) if variant.name == "fused" else None
                 if isinstance(fn, Exception):
                     record = make_record(**base, extra={**notes, "skipped": f"{type(fn).__name__}: {fn}"})
                 elif same is not None:  # e.g. --chunk-rows 2048 at N=1024: the same computation again
@@ -333,12 +362,13 @@ def run(cfg: Config, providers: list[str], out_file: Path, env: Environment) -> 
                 else:
                     try:
                         check = None
-                        if variant.name not in (REFERENCE, *CE_ONLY):
-                            if reference is None:
-                                reference = forward_backward(build_provider(REFERENCE, cfg.device), check_inputs)
-                            check = (check_inputs, reference)
-                        timing, peak, extra = bench_provider(variant, fn, rotation, check, cfg)
-                        if "chunk_rows" in notes:
+                        ref_name = REFERENCES.get(variant.name)
+                        if ref_name is not None:
+                            if ref_name not in references:
+                                references[ref_name] = forward_backward(build_provider(ref_name, cfg.device), check_inputs)
+                            check = (check_inputs, references[ref_name])
+                        timing, peak, extra = bench_provider(variant, fn, rotation, check, cfg, ref_name or REFERENCE)
+                        if variant.name == "fused" and "chunk_rows" in notes:
                             chunks_done[notes["chunk_rows"]] = variant.label
                         failures += timing is None
                         record = make_record(**base, timing=timing, peak_extra_mib=peak, extra={**notes, **extra})
@@ -349,7 +379,7 @@ def run(cfg: Config, providers: list[str], out_file: Path, env: Environment) -> 
                 append_jsonl(out_file, record)
                 records.append(record)
                 print("  " + format_table([record]).splitlines()[1], flush=True)
-            del rotation, reference, first_set, check_inputs
+            del rotation, references, first_set, check_inputs
             if cfg.device.type == "cuda":
                 torch.cuda.empty_cache()
     return records, failures

@@ -46,9 +46,9 @@ def default_chunk_rows(n: int, v: int, dtype: torch.dtype, device: torch.device)
 
 
 def _chunk_loss_grad(
-    z: Tensor, r: slice, prep: PreparedLoss, want_grad: bool, upstream: Tensor | None
+    z: Tensor, r: slice, prep: PreparedLoss, want_grad: bool, upstream: Tensor | None, work: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """Row losses of a chunk of logits and, if wanted, ∂(Σ upstream·ℓ)/∂z (over z on the Triton path)."""
+    """Row losses of a chunk of logits and, if wanted, ∂(Σ upstream·ℓ)/∂z, written over z."""
     inp = prep.inputs
     args = (inp.labels[r], inp.teacher_ids[:, r], inp.teacher_logits[:, r], prep.weights[:, r])
     if prep.use_triton:
@@ -60,18 +60,16 @@ def _chunk_loss_grad(
             grad=z if want_grad else None, upstream=upstream,
         )
         return row_loss, ce_rows, d_rows, (z if want_grad else None)
-    from fusellm_kernels.torch_ops.fusion_loss import fusion_loss_torch
+    from fusellm_kernels.torch_ops.fusion_loss import fusion_loss_chunk_
 
-    with torch.enable_grad():
-        leaf = z.detach().requires_grad_(want_grad)
-        row_loss, ce_rows, d_rows = fusion_loss_torch(
-            leaf, *args, inp.fusion_mask[r], prep.ce_coef, prep.f_coef,
-            temperature=prep.temperature, kl=prep.kl, ignore_index=prep.ignore_index,
-        )
-        grad = None
-        if want_grad:
-            (grad,) = torch.autograd.grad(row_loss, leaf, upstream if upstream is not None else torch.ones_like(row_loss))
-    return row_loss.detach(), ce_rows, d_rows, grad
+    # The gradient in closed form, in place (bench/README.md, "CPU baseline"): autograd here
+    # cost a logsumexp, an exp and three [C, V] temporaries per chunk.
+    row_loss, ce_rows, d_rows = fusion_loss_chunk_(
+        z, *args, inp.fusion_mask[r], prep.ce_coef, prep.f_coef,
+        temperature=prep.temperature, kl=prep.kl, ignore_index=prep.ignore_index,
+        grad=want_grad, upstream=upstream, work=work,
+    )
+    return row_loss, ce_rows, d_rows, (z if want_grad else None)
 
 
 def _run_chunks(
@@ -86,12 +84,27 @@ def _run_chunks(
     grad_weight = None
     grad_bias = torch.zeros(v, dtype=torch.float32, device=hidden.device) if need[2] else None
     want_grad = any(need)
+    # CPU path: one chunk buffer (and, for bf16/fp16, one fp32 work buffer) reused by every
+    # chunk; a fresh 64 MiB block per chunk costs page faults on every chunk.
+    zbuf = work = None
+    if not prep.use_triton and n > 0:
+        rows_max = min(n, chunk)
+        zbuf = torch.empty(rows_max, v, dtype=hidden.dtype, device=hidden.device)
+        if hidden.dtype != torch.float32:
+            work = torch.empty(rows_max, v, dtype=torch.float32, device=hidden.device)
     for r0 in range(0, n, chunk):
         r = slice(r0, min(n, r0 + chunk))
         h = hidden[r]
-        z = torch.addmm(bias, h, weight.T) if bias is not None else h @ weight.T
+        if zbuf is not None:
+            z = zbuf[: h.shape[0]]
+            if bias is not None:
+                torch.addmm(bias, h, weight.T, out=z)
+            else:
+                torch.mm(h, weight.T, out=z)
+        else:
+            z = torch.addmm(bias, h, weight.T) if bias is not None else h @ weight.T
         up = None if upstream is None else upstream[r]
-        row_loss, ce_rows, d_rows, g = _chunk_loss_grad(z, r, prep, want_grad, up)
+        row_loss, ce_rows, d_rows, g = _chunk_loss_grad(z, r, prep, want_grad, up, work)
         for out, x in zip(rows, (row_loss, ce_rows, d_rows)):
             out[r] = x
         if g is None:
@@ -148,7 +161,10 @@ def _scale_(grad: Tensor, upstream: Tensor) -> Tensor:
         flat = grad.view(-1, grad.shape[-1]) if grad.dim() > 1 else grad.view(1, -1)
         scale_rows_(flat, upstream.reshape(1).float().expand(flat.shape[0]))
         return grad
-    return grad.mul_(upstream.to(grad.dtype))
+    # A Python scalar keeps the upstream in fp32 inside a bf16/fp16 multiply (one rounding, as
+    # on CUDA); a tensor cast to the gradient's dtype would round it first (bf16: 0.37 -> 0.3691).
+    # .item() is free here: the tensor is on the CPU.
+    return grad.mul_(upstream.item())
 
 
 class FusedLinearFusionLossFunction(torch.autograd.Function):
