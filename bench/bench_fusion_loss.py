@@ -2,6 +2,7 @@
 
     python -m bench.bench_fusion_loss                          # GPU: N=8192, V in {32000, 128256}, S in {2,3,4}
     python -m bench.bench_fusion_loss --quick --device cpu     # smoke test, a few seconds
+    python -m bench.bench_fusion_loss --providers fused --vocab 128256 --candidates 3 --programs-per-sm 1 2 4
     python -m bench.plot bench/results/<card>/fusion_loss.jsonl
 
 Providers (all compute λ·CE + (1-λ)·soft-CE to the min-CE teacher, except liger_ce):
@@ -10,6 +11,9 @@ Providers (all compute λ·CE + (1-λ)·soft-CE to the min-CE teacher, except li
   gather_eager    log_softmax + gather at the S·K teacher ids
   gather_compile  the same under torch.compile
   liger_ce        Liger-Kernel cross entropy: CE only, no teacher (a lower bound for one kernel)
+  fused_pps<P>    with --programs-per-sm P ... (CUDA only): the fused Triton path with P persistent
+                  programs per SM instead of the launcher's choice; the grid and pass 2's L2
+                  footprint (grid x V x bytes per logit) are recorded next to the card's L2 size
 
 Floor: the bf16 logits read once and the bf16 gradient written once at the copy bandwidth
 measured on the same card in the same run. Every provider but liger_ce is checked against
@@ -24,7 +28,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
@@ -51,6 +55,9 @@ from bench.common import (
     time_fn,
 )
 
+if TYPE_CHECKING:
+    from fusellm_kernels.ops.launch_config import DeviceSpec
+
 OP = "fusion_loss"
 # liger_ce runs last in every shape: it writes its gradient over the logits it is given,
 # which would leave the other providers timing (and checking) on changed inputs.
@@ -63,6 +70,7 @@ LOSS_RTOL = 1e-4  # both sides accumulate in fp32 from the same inputs
 GRAD_RTOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}  # ~ a few ulps of the stored gradient
 
 LossFn = Callable[["LossInputs"], Tensor]
+PPS_PREFIX = "fused_pps"  # fused_pps<P>: the fused provider at P persistent programs per SM
 
 
 class Skip(Exception):
@@ -116,6 +124,21 @@ def build_provider(name: str, device: torch.device, explicit: bool) -> LossFn:
 
         backend = "auto" if device.type == "cuda" else "torch"
         return lambda x: fusion_loss(x.logits, x.labels, x.teacher_ids, x.teacher_logits, backend=backend, **_loss_kwargs(x))
+    if name.startswith(PPS_PREFIX):
+        if device.type != "cuda":
+            raise Skip("programs per SM exist only on CUDA (the Triton interpreter has no SMs)")
+        from fusellm_kernels import fusion_loss
+        from fusellm_kernels.ops.launch_config import persistent_programs
+
+        programs_per_sm = int(name[len(PPS_PREFIX):])
+
+        def fused_at(x: LossInputs) -> Tensor:
+            # the forward launch is the one that reads the logits; with an upstream gradient of
+            # 1 the backward launch skips every row whatever its program count
+            with persistent_programs(programs_per_sm):
+                return fusion_loss(x.logits, x.labels, x.teacher_ids, x.teacher_logits, backend="auto", **_loss_kwargs(x))
+
+        return fused_at
     if name == "dense_teacher":
         return lambda x: fusion_loss_reference(
             x.logits, x.labels, x.teacher_ids, x.teacher_logits, dtype=torch.float32, **_loss_kwargs(x)
@@ -143,6 +166,31 @@ def build_provider(name: str, device: torch.device, explicit: bool) -> LossFn:
     raise ValueError(f"unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
 
 
+def launch_notes(name: str, n: int, v: int, dtype: torch.dtype, spec: DeviceSpec | None) -> dict:
+    """What the fusion-loss kernel launches for a `fused*` provider on a CUDA card (`spec`, from
+    `launch_config.device_spec`; None off CUDA: no notes): programs per SM, grid (SMs x programs,
+    capped by N), and pass 2's L2 footprint (grid x V x bytes per logit: the rows in flight
+    whose recent blocks the backwards walk re-reads) next to the card's L2 size
+    (`torch.cuda.get_device_properties(dev).L2_cache_size`, as the spec reads it)."""
+    if spec is None or not (name == "fused" or name.startswith(PPS_PREFIX)):
+        return {}
+    from fusellm_kernels.ops.launch_config import fusion_loss_launch
+
+    elem = torch.finfo(dtype).bits // 8
+    asked = int(name[len(PPS_PREFIX):]) if name.startswith(PPS_PREFIX) else None
+    try:
+        launch = fusion_loss_launch(n, v, spec, asked, elem)
+    except ValueError as e:  # more programs than an SM holds: the provider's run fails with the same words
+        return dict(programs_per_sm=asked, launch_refused=str(e))
+    footprint = launch.grid * v * elem
+    return dict(
+        programs_per_sm=launch.programs_per_sm, programs_per_sm_default=asked is None, grid=launch.grid,
+        sm_count=spec.sm_count, num_warps=launch.num_warps, maxnreg=launch.maxnreg,
+        pass2_l2_bytes=footprint, l2_bytes=spec.l2_bytes, pass2_l2_fraction=round(footprint / spec.l2_bytes, 3),
+        pass2_fits_l2=footprint <= spec.l2_bytes,
+    )
+
+
 def forward_backward(loss_fn: LossFn, x: LossInputs) -> tuple[Tensor, Tensor]:
     """(loss, d loss / d logits). autograd.grad returns a fresh gradient, so no call pays for
     accumulating into a .grad left by the previous one."""
@@ -167,6 +215,7 @@ class Config:
     top_k: int
     warmup_ms: float
     rep_ms: float
+    sweep: bool = False  # --programs-per-sm given: launch notes on the fused* records
 
 
 def bench_provider(
@@ -211,6 +260,11 @@ def run(cfg: Config, providers: list[str], explicit: bool, out_file: Path, env: 
     ceilings = Ceilings(copy_bytes_per_s=copy_bw)
     print(f"card {env.card}: copy bandwidth {copy_bw / 1e9:.1f} GB/s (read + write)", flush=True)
 
+    spec = None
+    if cfg.device.type == "cuda":
+        from fusellm_kernels.ops.launch_config import device_spec
+
+        spec = device_spec(cfg.device)
     built: dict[str, LossFn | Exception] = {}
     records: list[BenchRecord] = []
     failures = 0
@@ -234,9 +288,10 @@ def run(cfg: Config, providers: list[str], explicit: bool, out_file: Path, env: 
                     except (ImportError, Skip) as e:
                         built[name] = e
                 fn = built[name]
+                notes = launch_notes(name, n, v, cfg.dtype, spec) if cfg.sweep else {}
                 base = dict(op=OP, provider=name, shape=shape, dtype=cfg.dtype, env=env, bytes_moved=2 * n * v * elem, ceilings=ceilings)
                 if isinstance(fn, Exception):
-                    record = make_record(**base, extra={"skipped": f"{type(fn).__name__}: {fn}"})
+                    record = make_record(**base, extra={**notes, "skipped": f"{type(fn).__name__}: {fn}"})
                 else:
                     try:
                         if name not in (REFERENCE, "liger_ce") and reference is None:
@@ -244,11 +299,11 @@ def run(cfg: Config, providers: list[str], explicit: bool, out_file: Path, env: 
                         check = reference if name not in (REFERENCE, "liger_ce") else None
                         timing, peak, extra = bench_provider(name, fn, rotation, check, cfg)
                         failures += timing is None
-                        record = make_record(**base, timing=timing, peak_extra_mib=peak, extra=extra)
+                        record = make_record(**base, timing=timing, peak_extra_mib=peak, extra={**notes, **extra})
                     except Exception as e:  # noqa: BLE001 - one broken provider must not lose the others' numbers
                         traceback.print_exc()
                         failures += 1
-                        record = make_record(**base, extra={"skipped": f"failed: {type(e).__name__}: {e}"[:500]})
+                        record = make_record(**base, extra={**notes, "skipped": f"failed: {type(e).__name__}: {e}"[:500]})
                 append_jsonl(out_file, record)
                 records.append(record)
                 print("  " + format_table([record]).splitlines()[1], flush=True)
@@ -266,6 +321,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--providers", help=f"comma-separated subset of {','.join(PROVIDERS)}")
     p.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes (default 32000 128256; quick 1000 70000)")
     p.add_argument("--candidates", type=int, nargs="+", help="teacher counts S (default 2 3 4; quick 2 4)")
+    p.add_argument("--rep-ms", type=float, help="timing window per provider and shape in ms (default 200; quick 20)")
+    p.add_argument("--programs-per-sm", type=int, nargs="+", metavar="P",
+                   help=f"CUDA only: also time the fused provider at P persistent programs per SM, one provider "
+                        f"{PPS_PREFIX}<P> each (default: the launcher's choice, 4 below V = 65536, 2 from there)")
     return p.parse_args(argv)
 
 
@@ -279,6 +338,17 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise SystemExit(f"unknown provider(s) {unknown}; choose from {', '.join(PROVIDERS)}")
         providers = [p for p in PROVIDERS if p in asked]  # canonical order: liger_ce last
+    sweep = list(dict.fromkeys(args.programs_per_sm or ()))  # de-duplicated, in the order given
+    if any(p < 1 for p in sweep):
+        raise SystemExit("--programs-per-sm takes counts of at least 1")
+    if sweep and device.type != "cuda":
+        print(f"note: --programs-per-sm ignored on {device.type}: the Triton interpreter has no SMs to sweep", flush=True)
+        sweep = []
+    if sweep and "fused" not in providers:
+        raise SystemExit("--programs-per-sm sweeps the fused provider: add fused to --providers")
+    if sweep:
+        at = providers.index("fused") + 1
+        providers[at:at] = [f"{PPS_PREFIX}{p}" for p in sweep]
     cfg = Config(
         device=device,
         # bf16 is what training feeds the loss on a GPU; CPUs lack fast bf16, and fp32 keeps the check tight.
@@ -288,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         candidates=tuple(args.candidates or ((2, 4) if args.quick else (2, 3, 4))),
         top_k=10,
         warmup_ms=5.0 if args.quick else 25.0,
-        rep_ms=20.0 if args.quick else 200.0,
+        rep_ms=args.rep_ms or (20.0 if args.quick else 200.0),
+        sweep=bool(sweep),
     )
     env = environment(device)
     out_file = (args.out or results_dir(env.card)) / f"{OP}.jsonl"

@@ -1,20 +1,31 @@
 #!/usr/bin/env bash
-# The one prepared script for a lent H100/H200: CUDA tests, then benchmarks, then plots.
+# The one prepared script for a lent H100/H200: the compile sweep, CUDA tests, then
+# benchmarks, then plots.
 #
 #   bash bench/gpu_check.sh            # from any directory; PYTHON=... picks the interpreter
 #   DEVICE=cpu BENCH_ARGS=--quick bash bench/gpu_check.sh   # dry run of the script itself on a CPU
 #
-# Budget: under 6 minutes in all (every step has its own timeout, summing to < 360 s), so
-# that a 10-minute device call leaves time for a rerun. The split: env 15 s, CUDA tests
-# 100 s, fusion loss on logits 115 s, fused lm_head + loss 55 s (S in {2, 4} only and a
-# 200 ms timing window per provider; chunk sizes auto/1024/2048 swept), training step
-# fusion vs CLM-only 50 s (8-layer Llama, 4 timed steps per mode), plots 20 s = 355 s.
+# Budget: at most 6 minutes in all (every step has its own timeout; LIMIT below holds them
+# and the script refuses to start if they sum to more than 360 s), so that a 10-minute device
+# call leaves time for a rerun. The split:
+#   env 10 s; compile 70 s (every kernel variant compiled ahead of time with ptxas for sm_80
+#   and sm_90 in 16 processes: CPU work, the machine has 16 cores; ~1200 binaries, ~450 CPU-s
+#   of ptxas on a 2-core dev machine, so ~30-60 s expected; exits 1 on any spill; the report is
+#   only written at the end); CUDA tests 65 s (every Triton op forward + backward with no
+#   host sync); flash-attn varlen 15 s (~3 s when flash-attn does not import: skipped,
+#   passes); fusion loss on logits 80 s; programs-per-SM sweep 30 s (fused only, N 8192,
+#   V 128256, S 3, bf16, P in 1 2 3 4 (at 16 warps an SM holds at most 4), 100 ms timing window); fused lm_head + loss 35 s
+#   (S in {2, 4} only and a 200 ms timing window per provider; chunk sizes auto/1024/2048
+#   swept; ~30 s expected); training step fusion vs CLM-only 40 s (8-layer Llama, 4 timed
+#   steps per mode); plots 15 s = 360 s.
+# No GPU run has measured these steps yet: after the first one, rebalance from the
+# "=== name: rc=.. after ..s" lines of its log.
 # A failing or timed-out step does not stop the later ones (the benchmark's numbers are
 # worth having even when a test fails), but the script exits non-zero at the end. The
 # benchmarks append their records as they go, so a step cut short by its timeout still
 # leaves the shapes it finished. Results go to bench/results/<gpu>/ (commit them from there)
-# and, when $OUT is set, the log and one archive of the results are put there (the device
-# tool brings back at most 8 files).
+# and, when $OUT is set, the log and one archive of the results (with compile_report.json)
+# are put there (the device tool brings back at most 8 files).
 set -uo pipefail  # deliberately no -e: see above
 
 cd "$(dirname "$0")/.."
@@ -25,15 +36,26 @@ command -v "$PY" >/dev/null || PY=python
 DEVICE=${DEVICE:-cuda}
 read -r -a BENCH_ARGS <<<"${BENCH_ARGS:-}"
 
+# Each step's time limit in seconds; the sum is the script's worst case.
+declare -A LIMIT=([env]=10 [compile]=70 [tests]=65 [flash_varlen]=15 [bench_fusion_loss]=80 [bench_pps_sweep]=30
+                  [bench_fused_linear]=35 [bench_train_step]=40 [plot]=15)
+BUDGET_S=360
+total=0
+for s in "${LIMIT[@]}"; do total=$((total + s)); done
+if [ "$total" -gt "$BUDGET_S" ]; then
+    echo "gpu_check: the step limits sum to ${total}s, over the ${BUDGET_S}s budget" >&2
+    exit 2
+fi
+
 RES=$("$PY" -c 'from bench.common import card_name, results_dir; print(results_dir(card_name("'"$DEVICE"'")))') || {
     echo "gpu_check: no $DEVICE device visible to torch; nothing to do" >&2
     exit 2
 }
 LOG="$RES/gpu_check.log"
 
-step() {  # step NAME LIMIT_S CMD...: run with a timeout, report rc and time, remember failures
-    local name=$1 limit=$2 start=$SECONDS rc
-    shift 2
+step() {  # step NAME CMD...: run with the timeout LIMIT[NAME], report rc and time, remember failures
+    local name=$1 limit=${LIMIT[$1]} start=$SECONDS rc
+    shift
     echo "=== $name (limit ${limit}s): $*"
     timeout --kill-after=10 "$limit" "$@"
     rc=$?
@@ -48,16 +70,33 @@ step() {  # step NAME LIMIT_S CMD...: run with a timeout, report rc and time, re
 
 main() {
     status=0
-    step env 15 bash -c 'date -u; git rev-parse --short HEAD 2>/dev/null; { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv || true; }; "$0" -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)"' "$PY"
-    step tests 100 "$PY" -m pytest -q -m cuda --durations=10 tests
-    step bench_fusion_loss 115 "$PY" -m bench.bench_fusion_loss --device "$DEVICE" --out "$RES" "${BENCH_ARGS[@]}"
-    step bench_fused_linear 55 "$PY" -m bench.bench_fused_linear --device "$DEVICE" --out "$RES" \
+    echo "=== gpu_check: step limits sum to ${total}s (budget ${BUDGET_S}s)"
+    step env bash -c 'date -u; git rev-parse --short HEAD 2>/dev/null; { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv || true; }; "$0" -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__)"' "$PY"
+    # ptxas on every kernel variant the launchers can choose (sm_80 and sm_90); needs the
+    # interpreter off, whatever the caller's environment says. The report is written at the
+    # end: a stale one must not be archived as this run's when the step times out.
+    rm -f "$RES/compile_report.json"
+    step compile env -u TRITON_INTERPRET "$PY" -m fusellm_kernels.ops.aot_compile --exhaustive --quiet --jobs 16 \
+        --json "$RES/compile_report.json"
+    step tests "$PY" -m pytest -q -m cuda --durations=10 --ignore=tests/test_flash_varlen.py tests
+    # transformers' packed varlen path (--attn-implementation flash_attention_2), only where flash-attn imports
+    step flash_varlen bash -c 'if ! err=$("$0" -c "import flash_attn" 2>&1); then
+            echo "flash-attn not installed: varlen path skipped"
+            echo "  (import flash_attn: $(printf "%s" "$err" | tail -n 1))"
+            exit 0
+        fi
+        exec "$0" -m pytest -q -m cuda tests/test_flash_varlen.py' "$PY"
+    step bench_fusion_loss "$PY" -m bench.bench_fusion_loss --device "$DEVICE" --out "$RES" "${BENCH_ARGS[@]}"
+    # persistent programs per SM of the fusion-loss kernel: does pass 2's walk still fit in L2?
+    step bench_pps_sweep "$PY" -m bench.bench_fusion_loss --device "$DEVICE" --out "$RES" --providers fused \
+        --vocab 128256 --candidates 3 --programs-per-sm 1 2 3 4 --rep-ms 100 "${BENCH_ARGS[@]}"
+    step bench_fused_linear "$PY" -m bench.bench_fused_linear --device "$DEVICE" --out "$RES" \
         --candidates 2 4 --chunk-rows 0 1024 2048 --rep-ms 200 "${BENCH_ARGS[@]}"
-    step bench_train_step 50 "$PY" -m bench.bench_train_step --device "$DEVICE" --out "$RES" \
+    step bench_train_step "$PY" -m bench.bench_train_step --device "$DEVICE" --out "$RES" \
         $([ -z "${BENCH_ARGS[*]}" ] && echo --steps 4) "${BENCH_ARGS[@]}"
     # every results file in one process (torch and matplotlib imported once); a missing or
     # broken file fails the step but does not stop the others from being plotted
-    step plot 20 "$PY" -c '
+    step plot "$PY" -c '
 import sys, traceback
 from bench.plot import main
 rc = 0
@@ -80,6 +119,6 @@ if [ -n "${OUT:-}" ]; then
     # archive (unpack it into bench/results/<gpu>/ and commit it).
     mkdir -p "$OUT"
     cp "$LOG" "$OUT"/
-    (cd "$RES" && tar czf "$OUT/results.tar.gz" --ignore-failed-read ./*.jsonl ./*.png 2>/dev/null)
+    (cd "$RES" && tar czf "$OUT/results.tar.gz" --ignore-failed-read ./*.jsonl ./*.png ./compile_report.json 2>/dev/null)
 fi
 exit "$status"
