@@ -7,7 +7,8 @@ check: each document's logits in the packed block equal those of the document ru
 a tiny randomly initialised Llama in bf16, through `FusionLM.forward` itself (its head
 replaced by the bare lm_head, so the logits come back instead of the loss), for one block
 per forward (`--micro-batch 1`, the default) and for two (`--micro-batch 2`: transformers
-5.x infers packed sequences from position_ids only at batch size 1). The CUDA tests need
+5.x infers packed sequences from position_ids only at batch size 1, so FusionLM passes the
+micro-batch's blocks to the model as one row). The CUDA tests need
 flash-attn (bench/gpu_check.sh runs them only where `import flash_attn` works); the CPU twins
 run the same helper with sdpa, where FusionLM adds the block-diagonal mask instead.
 """
@@ -86,3 +87,57 @@ def test_cuda_flash_attention_varlen_keeps_documents_apart(micro_batch):
 @pytest.mark.parametrize("micro_batch", [1, 2])
 def test_cpu_twin_sdpa_keeps_documents_apart(micro_batch):
     check_packed_documents(torch.device("cpu"), "sdpa", torch.float32, micro_batch)
+
+
+def test_flash_attention_gets_one_row_per_micro_batch():
+    """transformers reads packed documents from position_ids only at batch size 1, so FusionLM
+    hands flash-attention the micro-batch's blocks as one row and splits the hidden states
+    back; sdpa keeps the batch (and gets the block-diagonal mask)."""
+    from types import SimpleNamespace
+
+    from fusellm_kernels.pipeline.batches import _positions
+    from training.parallel import FusionLM
+
+    class Base(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(64, 8)
+            self.seen: list[dict] = []
+
+        def get_input_embeddings(self) -> nn.Module:
+            return self.emb
+
+        def forward(self, input_ids, position_ids=None, attention_mask=None, use_cache=False):
+            self.seen.append({"input_ids": input_ids, "position_ids": position_ids, "mask": attention_mask})
+            # a row's hidden state depends on its token and position only: the split-back order shows
+            return SimpleNamespace(last_hidden_state=self.emb(input_ids) + position_ids[..., None].float())
+
+    class LM(nn.Module):
+        base_model_prefix = "model"
+
+        def __init__(self, impl: str) -> None:
+            super().__init__()
+            self.model = Base()
+            self.config = SimpleNamespace(_attn_implementation=impl)
+            self.head = _LogitsHead(nn.Identity())
+
+        def get_output_embeddings(self) -> nn.Module:
+            return self.head
+
+    doc_index = torch.tensor([[0, 0, 0, 1, 1, 2], [0, 1, 1, 1, 2, 2]])
+    ids = torch.randint(0, 64, doc_index.shape, generator=torch.Generator().manual_seed(3))
+    pos = _positions(doc_index)
+    outs = {}
+    for impl in ("sdpa", "flash_attention_2"):
+        lm = LM(impl)
+        torch.manual_seed(0)
+        lm.model.emb.reset_parameters()
+        outs[impl], _ = FusionLM(lm, attention="document")(ids, pos, doc_index, *(None,) * 6)
+        seen = lm.model.seen[-1]
+        if impl == "flash_attention_2":
+            assert seen["input_ids"].shape == (1, 12) and seen["mask"] is None
+            assert torch.equal(seen["position_ids"], pos.reshape(1, -1)) and seen["position_ids"][0, 6] == 0
+        else:
+            assert seen["input_ids"].shape == (2, 6) and seen["mask"] is not None
+    assert outs["flash_attention_2"].shape == (2, 6, 8)
+    torch.testing.assert_close(outs["flash_attention_2"], outs["sdpa"], rtol=0, atol=0)

@@ -105,7 +105,14 @@ class FusionLM(nn.Module):
                 # sdpa/eager: an additive block-diagonal causal mask keeps each document to
                 # itself (flash-attention instead reads the boundaries from position_ids)
                 kwargs["attention_mask"] = document_mask(doc_index, base.get_input_embeddings().weight.dtype)
+        flat = self.attention == "document" and self.lm.config._attn_implementation == "flash_attention_2" and input_ids.shape[0] > 1
+        if flat:
+            # transformers infers packed sequences from position_ids only at batch size 1: the
+            # micro-batch's blocks go in as one row (each block starts a piece at position 0)
+            kwargs["input_ids"], kwargs["position_ids"] = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
         hidden = base(**kwargs).last_hidden_state
+        if flat:
+            hidden = hidden.reshape(*input_ids.shape, hidden.shape[-1])
         # the head by role, not by name: GPT-NeoX calls it embed_out
         return self.lm.get_output_embeddings()(hidden, labels, teacher_ids, teacher_logits, teacher_ce=teacher_ce,
                                                segment_ids=segment_ids, source_weights=source_weights, fusion_mask=fusion_mask)
