@@ -162,3 +162,13 @@ def test_plot_makes_png(results: str, request: pytest.FixtureRequest, tmp_path: 
     assert plot.main([str(quick_results), "--out", str(out)]) == 0
     data = out.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 10_000
+
+
+def test_cpu_profile_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import profile_cpu_fused_linear
+
+    assert profile_cpu_fused_linear.main(["--rows", "40", "--hidden", "8", "--vocab", "300", "--reps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ours, CE only" in out and "weight gradient" in out and "native's extra" in out
+    with pytest.raises(SystemExit):
+        profile_cpu_fused_linear.main(["--reps", "0"])
