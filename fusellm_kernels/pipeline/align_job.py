@@ -25,6 +25,7 @@ from fusellm_kernels.pipeline.summary import RunSummary
 from fusellm_kernels.store.alignment import DocAlignment, write_alignment_manifest, write_alignment_shard
 from fusellm_kernels.store.format import TeacherStore
 from fusellm_kernels.store.lock import LockSet, clear_directory
+from fusellm_kernels.store.records import TeacherRecord
 from fusellm_kernels.store.manifest import (
     ShardInfo,
     StoreError,
@@ -99,37 +100,71 @@ def _settings(cfg: AlignConfig, target: TeacherStore, source: TeacherStore) -> d
     }
 
 
+class DocumentAligner:
+    """Aligns one document's target and source records: the two tokenizers, their detected
+    conventions and the vocabulary map, built once. `fusellm align` builds one per worker
+    from the two teacher stores; online training (`pipeline/live.py`) builds one per
+    candidate from the models' folders. `vocab_map` reuses a map computed before."""
+
+    def __init__(self, target_tok: Any, source_tok: Any, *, target_logits_size: int, source_logits_size: int,
+                 vocab_align: str = "soft", fallback: str = "next", reference: bool = False,
+                 normalization: str = "markers", source_marker: str | None = None, target_marker: str | None = None,
+                 vocab_map: torch.Tensor | None = None) -> None:
+        from fusellm_kernels.align import detect_conventions, soft_lookup
+        from fusellm_kernels.align import vocab_map as make_vocab_map
+
+        self.target_tok, self.source_tok = target_tok, source_tok
+        self.vocab_align, self.fallback, self.reference, self.normalization = vocab_align, fallback, reference, normalization
+        self.target_conv = detect_conventions(target_tok, marker=target_marker)
+        self.source_conv = detect_conventions(source_tok, marker=source_marker)
+        if vocab_map is None:
+            vocab_map = make_vocab_map(
+                source_tok.get_vocab(), target_tok.get_vocab(),
+                source_marker=self.source_conv.marker, target_marker=self.target_conv.marker, kind=vocab_align,
+                source_logits_size=source_logits_size, target_logits_size=target_logits_size, workers=-1,
+            )
+        self.vocab_map = vocab_map
+        self.lookup = None
+        if vocab_align == "soft":
+            self.lookup = soft_lookup(vocab_map, source_tok.get_vocab(), target_tok.get_vocab(),
+                                      source_marker=self.source_conv.marker, target_marker=self.target_conv.marker)
+
+    def align(self, trec: TeacherRecord, srec: TeacherRecord) -> DocAlignment:
+        """The position map of the document both records hold (the caller pairs them)."""
+        from fusellm_kernels.align import position_map
+
+        target_ids = trec.input_ids.tolist()
+        pm = position_map(
+            self.source_tok.convert_ids_to_tokens(srec.input_ids.tolist()),
+            self.target_tok.convert_ids_to_tokens(target_ids), target_ids,
+            source_marker=self.source_conv.marker, target_marker=self.target_conv.marker,
+            vocab_align=self.vocab_align, soft_lookup=self.lookup, fallback=self.fallback,
+            reference=self.reference, source_is_byte_level=self.source_conv.byte_level,
+            normalization=self.normalization, source_conventions=self.source_conv, target_conventions=self.target_conv,
+        )
+        return DocAlignment(trec.doc_id, torch.from_numpy(pm.source_pos), torch.from_numpy(pm.fallback_id))
+
+
 class _Aligner:
-    """Everything one worker needs to align documents (built once per process)."""
+    """Everything one worker needs to align documents of two stores (built once per process)."""
 
     def __init__(self, cfg: AlignConfig) -> None:
-        from fusellm_kernels.align import detect_conventions, soft_lookup, vocab_map
-
         self.cfg = cfg
         self.target = TeacherStore(cfg.target, verify=cfg.verify)
         self.source = TeacherStore(cfg.source, verify=cfg.verify)
-        self.target_tok = _tokenizer(self.target)
-        self.source_tok = _tokenizer(self.source)
-        self.target_conv = detect_conventions(self.target_tok, marker=cfg.target_marker)
-        self.source_conv = detect_conventions(self.source_tok, marker=cfg.source_marker)
         vocab_path = Path(cfg.output) / "vocab_map.pt"
-        if vocab_path.exists():
-            self.vocab_map = load_vocab_map(Path(cfg.output))
-        else:
-            self.vocab_map = vocab_map(
-                self.source_tok.get_vocab(), self.target_tok.get_vocab(),
-                source_marker=self.source_conv.marker, target_marker=self.target_conv.marker, kind=cfg.vocab_align,
-                source_logits_size=int(self.source.manifest["model"]["logits_size"]),
-                target_logits_size=int(self.target.manifest["model"]["logits_size"]), workers=-1,
-            )
-        self.lookup = None
-        if cfg.vocab_align == "soft":
-            self.lookup = soft_lookup(self.vocab_map, self.source_tok.get_vocab(), self.target_tok.get_vocab(),
-                                      source_marker=self.source_conv.marker, target_marker=self.target_conv.marker)
+        self.aligner = DocumentAligner(
+            _tokenizer(self.target), _tokenizer(self.source),
+            target_logits_size=int(self.target.manifest["model"]["logits_size"]),
+            source_logits_size=int(self.source.manifest["model"]["logits_size"]),
+            vocab_align=cfg.vocab_align, fallback=cfg.fallback, reference=cfg.reference, normalization=cfg.normalization,
+            source_marker=cfg.source_marker, target_marker=cfg.target_marker,
+            vocab_map=load_vocab_map(Path(cfg.output)) if vocab_path.exists() else None,
+        )
+        self.vocab_map = self.aligner.vocab_map
+        self.target_conv, self.source_conv = self.aligner.target_conv, self.aligner.source_conv
 
     def document(self, doc_id: int) -> DocAlignment:
-        from fusellm_kernels.align import position_map
-
         trec = self.target.get(doc_id)
         try:
             srec = self.source.get(doc_id)
@@ -138,16 +173,7 @@ class _Aligner:
         if srec.text_hash != trec.text_hash:
             raise StoreError(f"document {doc_id} holds different texts in {self.target.root} and {self.source.root}: "
                              "the stores were made from different corpora")
-        target_ids = trec.input_ids.tolist()
-        pm = position_map(
-            self.source_tok.convert_ids_to_tokens(srec.input_ids.tolist()),
-            self.target_tok.convert_ids_to_tokens(target_ids), target_ids,
-            source_marker=self.source_conv.marker, target_marker=self.target_conv.marker,
-            vocab_align=self.cfg.vocab_align, soft_lookup=self.lookup, fallback=self.cfg.fallback,
-            reference=self.cfg.reference, source_is_byte_level=self.source_conv.byte_level,
-            normalization=self.cfg.normalization, source_conventions=self.source_conv, target_conventions=self.target_conv,
-        )
-        return DocAlignment(doc_id, torch.from_numpy(pm.source_pos), torch.from_numpy(pm.fallback_id))
+        return self.aligner.align(trec, srec)
 
 
 _WORKER: _Aligner | None = None

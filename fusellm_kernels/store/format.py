@@ -41,7 +41,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -286,6 +286,28 @@ def write_teacher_manifest(
 # --- reading ---------------------------------------------------------------------------------
 
 
+def decode_record(array: Callable[[str], Any], idx: DocIndex, pos: int, enc: StoreEncoding, k: int, bits: int) -> TeacherRecord:
+    """The record of the pos-th document of an encoded shard. `array(name)` gives the shard's
+    array `name` as anything sliceable along rows (a safetensors slice of a memory-mapped
+    file, or a tensor of a shard encoded in memory by the online path): one decoder, so a
+    record read back from a store and one made live are alike to the bit."""
+    a, b = int(idx.offsets[pos]), int(idx.offsets[pos + 1])
+    ids = array("ids")[a:b]
+    ids = unpack_ids(ids, k + 1, bits) if enc.ids == "bitpack" else ids.to(torch.int64)
+    return TeacherRecord(
+        doc_id=int(idx.doc_ids[pos]),
+        text_hash=int(idx.text_hash[pos]),
+        flags=int(idx.flags[pos]),
+        input_ids=ids[:, 0].contiguous(),
+        topk_ids=ids[:, 1:].contiguous(),
+        topk_logits=array("topk_logits")[a:b].float(),
+        nll=array("nll")[a:b].float(),
+        token_bytes=array("token_bytes")[a:b].to(torch.int32),
+        lse=array("lse")[a:b].float() if enc.lse else None,
+        nll_sum=float(idx.nll_sum[pos]),
+    )
+
+
 class TeacherStore:
     """Read a complete teacher store; shards are memory-mapped and read one slice at a time.
 
@@ -424,27 +446,8 @@ class TeacherStore:
 
     def record(self, shard: int, pos: int) -> TeacherRecord:
         """The record of the pos-th document of a shard, reading only its rows."""
-        idx = self.shard_index(shard)
-        a, b = int(idx.offsets[pos]), int(idx.offsets[pos + 1])
         f = self._open(shard)
-        ids = f.get_slice("ids")[a:b]
-        if self.encoding.ids == "bitpack":
-            ids = unpack_ids(ids, self.k + 1, self.id_bits)
-        else:
-            ids = ids.to(torch.int64)
-        lse = f.get_slice("lse")[a:b].float() if self.encoding.lse else None
-        return TeacherRecord(
-            doc_id=int(idx.doc_ids[pos]),
-            text_hash=int(idx.text_hash[pos]),
-            flags=int(idx.flags[pos]),
-            input_ids=ids[:, 0].contiguous(),
-            topk_ids=ids[:, 1:].contiguous(),
-            topk_logits=f.get_slice("topk_logits")[a:b].float(),
-            nll=f.get_slice("nll")[a:b].float(),
-            token_bytes=f.get_slice("token_bytes")[a:b].to(torch.int32),
-            lse=lse,
-            nll_sum=float(idx.nll_sum[pos]),
-        )
+        return decode_record(f.get_slice, self.shard_index(shard), pos, self.encoding, self.k, self.id_bits)
 
     def get(self, doc_id: int) -> TeacherRecord:
         return self.record(*self.locate(doc_id))
