@@ -29,8 +29,8 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the flag to change."""
 
 
-def _opt(default: Any, help: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help}, **kw)
+def _opt(default: Any, help: str, metadata_repeat: bool = False, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, "repeat": metadata_repeat}, **kw)
 
 
 @dataclass
@@ -41,6 +41,13 @@ class TrainConfig:
     output: str = _opt("", "run directory: config.json, metrics.jsonl, curves.png, checkpoints/, export/")
     eval_data: str = _opt("", "held-out blocks directory for CLM perplexity (empty: use --eval-holdout)")
     eval_holdout: int = _opt(0, "hold out the last N blocks of --data for evaluation (when --eval-data is empty)")
+    # --- online fusion: the candidates run inside the training step, no teacher store
+    online: bool = _opt(False, "run the candidates live (no --data): blocks are packed from --corpus as `fusellm assemble` "
+                               "packs them; candidate 0 is a frozen copy of --model, each --candidate follows")
+    corpus: str = _opt("", "--online: the prepared corpus (`fusellm prepare`) to pack the target's blocks from")
+    candidate: tuple[str, ...] = _opt((), "--online: a source model's local transformers folder with its tokenizer; "
+                                          "repeat the flag for each source, in candidate order", metadata_repeat=True)
+    score: str = _opt("per_byte", "--online: a document's CE score, as `fusellm assemble --score` (per_byte or reference)")
     # --- objective
     mode: Mode = _opt("fusion", "fusion: λ·CE + (1 − λ)·divergence to the fused teacher; clm: CE only, same data and steps")
     strategy: str = _opt("min_ce", f"candidate weighting, one of {STRATEGIES}")
@@ -95,9 +102,20 @@ class TrainConfig:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"--{name.replace('_', '-')}={getattr(self, name)!r}: {why}")
 
-        for name in ("model", "data", "output"):
+        for name in ("model", "corpus" if self.online else "data", "output"):
             if not getattr(self, name):
-                raise bad(name, "is required")
+                raise bad(name, "is required" + (" with --online" if name == "corpus" else ""))
+        if self.online:
+            if self.data:
+                raise bad("data", "--online packs its blocks from --corpus; drop --data (or --online)")
+            if self.mode == "fusion" and not self.candidate:
+                raise bad("candidate", "--online fusion needs at least one --candidate (a source model folder)")
+            if self.eval_holdout:
+                raise bad("eval_holdout", "--online evaluates on --eval-data (held-out blocks assembled offline) only")
+        elif self.candidate or self.corpus:
+            raise bad("candidate" if self.candidate else "corpus", "is read only with --online")
+        if self.score not in ("per_byte", "reference"):
+            raise bad("score", "choose one of ('per_byte', 'reference')")
         for name, allowed in (("strategy", STRATEGIES), ("divergence", DIVERGENCES), ("mode", get_args(Mode)),
                               ("weighting", get_args(Weighting)), ("attention", get_args(Attention)),
                               ("fusion_rows", get_args(FusionRows)),
@@ -138,6 +156,7 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["source_weights"] = list(self.source_weights)
+        d["candidate"] = list(self.candidate)
         return d
 
     @staticmethod
@@ -148,6 +167,7 @@ class TrainConfig:
             raise ConfigError(f"unknown configuration keys {unknown}; this trainer knows {sorted(known)}")
         obj = dict(obj)
         obj["source_weights"] = tuple(obj.get("source_weights", ()))
+        obj["candidate"] = tuple(obj.get("candidate", ()))
         return TrainConfig(**obj)
 
     def save(self, path: str | Path) -> None:
@@ -170,7 +190,7 @@ RESUME_MUST_MATCH: tuple[str, ...] = (
     "model", "data", "mode", "strategy", "weighting", "lam", "temperature", "ce_temperature", "divergence",
     "source_weights", "top_k", "shuffle_window", "seq_len", "global_batch", "epochs", "max_steps", "lr", "min_lr_ratio",
     "warmup_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "seed", "attention", "eval_holdout",
-    "fusion_rows",
+    "fusion_rows", "online", "corpus", "candidate", "score",
 )
 
 
@@ -217,6 +237,8 @@ def add_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> Non
         help_text = f"{f.metadata['help']} (default: {f.default!r})"
         if isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif f.metadata.get("repeat"):
+            p.add_argument(flag, action="append", metavar="PATH", default=argparse.SUPPRESS, help=help_text)
         elif isinstance(f.default, tuple):
             p.add_argument(flag, type=float, nargs="+", default=argparse.SUPPRESS, help=help_text)
         else:
@@ -225,6 +247,7 @@ def add_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> Non
 
 def from_args(a: argparse.Namespace) -> TrainConfig:
     given = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
-    if "source_weights" in given:
-        given["source_weights"] = tuple(given["source_weights"])
+    for name in ("source_weights", "candidate"):
+        if name in given:
+            given[name] = tuple(given[name])
     return preset(a.preset, **given) if a.preset else TrainConfig(**given)

@@ -69,6 +69,13 @@ class BlockReader:
             self._cache.move_to_end(i)
         return shard.block(index - self.starts[i])
 
+    def num_labels(self, index: int) -> int:
+        """Rows of block `index` with a next token."""
+        return int((self[index].labels >= 0).sum())
+
+    def release(self, indices: list[int]) -> None:
+        """Blocks built into a batch (online blocks drop records no other block needs; stored ones hold none)."""
+
 
 @dataclass
 class TrainData:
@@ -193,6 +200,35 @@ def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, mod
     return TrainData(reader, stores, maps, names, train_range, eval_blocks, eval_range, empty_to_target)
 
 
+def open_online_data(cfg: Any, model_vocab: int, device: torch.device, cache_dir: Path,
+                     locks: LockSet | None = None) -> TrainData:
+    """`--online`: blocks packed from --corpus, the candidates (a frozen copy of --model, then
+    each --candidate) loaded on this rank's device and run live (`pipeline/live.py`); held-out
+    blocks from --eval-data as offline."""
+    from fusellm_kernels.pipeline.live import open_online
+
+    if locks is not None:
+        locks.read(cfg.corpus)
+    fusion = cfg.mode == "fusion"
+    blocks = open_online(cfg.corpus, cfg.model, list(cfg.candidate) if fusion else [], block_len=cfg.seq_len,
+                         top_k=cfg.top_k or 10, score=cfg.score, device=device, cache_dir=cache_dir,
+                         blocks_per_shard=64)
+    if blocks.teachers[0].logits_size > model_vocab:
+        raise DataError(f"--model {cfg.model}: its logits have {blocks.teachers[0].logits_size} columns, its config says {model_vocab}")
+    eval_blocks: BlockReader | None = None
+    eval_range = range(0)
+    if cfg.eval_data:
+        if locks is not None:
+            locks.read(cfg.eval_data)
+        eval_store = BlockStore(cfg.eval_data, verify=cfg.verify)
+        if eval_store.block_len != cfg.seq_len:
+            raise DataError(f"{Path(cfg.eval_data) / 'manifest.json'} has block_len {eval_store.block_len}, not --seq-len {cfg.seq_len}")
+        check_tokenizer(eval_store, cfg.model)
+        eval_blocks, eval_range = BlockReader(eval_store, 1), range(len(eval_store))
+    return TrainData(blocks, blocks.stores if fusion else [], blocks.vocab_maps if fusion else [], blocks.names,  # type: ignore[arg-type]
+                     range(len(blocks)), eval_blocks, eval_range)
+
+
 class BlockSampler:
     """Shuffled global batches of block indices, one permutation per epoch (seeded by seed + epoch).
 
@@ -266,10 +302,13 @@ class BlockSampler:
 def make_batch(data: TrainData, indices: list[int], *, fusion: bool, weighting: str, top_k: int,
                device: torch.device, store: BlockReader | None = None) -> TrainBatch:
     """The `TrainBatch` of some blocks; in CLM mode (or for evaluation) with one empty teacher slot."""
-    blocks: list[Block] = [(store or data.blocks)[i] for i in indices]
+    reader = store or data.blocks
+    blocks: list[Block] = [reader[i] for i in indices]
     if fusion:
-        return build_batch(blocks, data.stores, data.vocab_maps, weighting=weighting, k=top_k or None, device=device,
-                           empty_to_target=data.empty_to_target)
+        batch = build_batch(blocks, data.stores, data.vocab_maps, weighting=weighting, k=top_k or None, device=device,
+                            empty_to_target=data.empty_to_target)
+        reader.release(indices)
+        return batch
     doc_index = torch.stack([b.doc_index for b in blocks]).long()
     n = doc_index.numel()
     return TrainBatch(

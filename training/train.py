@@ -48,7 +48,7 @@ from fusellm_kernels.store.lock import LockedError, LockSet, confirm_holder
 from fusellm_kernels.store.manifest import StoreError
 from training.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, check_resume_compatible
-from training.data import BlockSampler, Prefetcher, TrainData, check_tokenizer, make_batch, open_data
+from training.data import BlockSampler, Prefetcher, TrainData, check_tokenizer, make_batch, open_data, open_online_data
 from training.metrics import MetricsLog, peak_memory_gib, plot_curves
 from training.parallel import (
     Dist, FusionLM, build_model, close_distributed, full_state_dict, init_distributed, model_flops_per_token, peak_flops,
@@ -114,12 +114,17 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None
     model_config = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
 
     # 1. Data first: a missing or mismatched store fails here, before the model is loaded.
-    data = open_data(cfg.data, cfg.eval_data, cfg.eval_holdout, seq_len=cfg.seq_len,
-                     model_vocab=int(model_config.vocab_size), fusion=fusion, cache_shards=cfg.shuffle_window,
-                     verify=cfg.verify, locks=locks if d.is_main else None)
-    check_tokenizer(data.blocks.store, cfg.model)
-    if data.eval_blocks is not None and data.eval_blocks is not data.blocks:
-        check_tokenizer(data.eval_blocks.store, cfg.model)
+    if cfg.online:  # the candidates run live: loaded here, on this rank's device (pipeline/live.py)
+        data = open_online_data(cfg, int(model_config.vocab_size), d.device, out / "online" / "vocab_maps",
+                                locks=locks if d.is_main else None)
+        _check_candidates(out / "online" / "candidates.json", data, d, resume_from is not None)
+    else:
+        data = open_data(cfg.data, cfg.eval_data, cfg.eval_holdout, seq_len=cfg.seq_len,
+                         model_vocab=int(model_config.vocab_size), fusion=fusion, cache_shards=cfg.shuffle_window,
+                         verify=cfg.verify, locks=locks if d.is_main else None)
+        check_tokenizer(data.blocks.store, cfg.model)
+        if data.eval_blocks is not None and data.eval_blocks is not data.blocks:
+            check_tokenizer(data.eval_blocks.store, cfg.model)
     if fusion and cfg.strategy == "weights" and len(cfg.source_weights) != len(data.names):
         raise ConfigError(f"--source-weights has {len(cfg.source_weights)} values but the blocks have "
                           f"{len(data.names)} candidates {data.names}")
@@ -179,7 +184,7 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None
             micro = BlockSampler.micro_batches(blocks, d.rank, d.world, cfg.micro_batch)
             # the step's global target-token count, known before any forward: one all-reduce
             mine = [i for m in micro for i in m]
-            n_tokens = torch.tensor(float(sum(int((data.blocks[i].labels >= 0).sum()) for i in mine)), device=d.device)
+            n_tokens = torch.tensor(float(sum(data.blocks.num_labels(i) for i in mine)), device=d.device)
             if d.world > 1:
                 dist.all_reduce(n_tokens)
             n_cand = len(data.names)
@@ -246,6 +251,28 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None
             "seconds": time.perf_counter() - started, "bytes_written": sum(p.stat().st_size for p in written),
             "output": str(out), "checkpoint": str(last_saved) if last_saved else None,
             "export": str(export_dir) if export_dir else None, "eval_ppl": eval_ppl}
+
+
+def _check_candidates(path: Path, data: TrainData, d: Dist, resuming: bool) -> None:
+    """--online: the candidates' model and tokenizer fingerprints are recorded with the run; a
+    resume whose candidates changed (same paths, other weights included) is refused. The
+    frozen candidates' weights are never saved: they are the folders these fingerprints name."""
+    import json
+
+    found = [{"model": str(t.root), "model_fingerprint": t.fingerprint, "tokenizer_fingerprint": t.tokenizer_fingerprint}
+             for t in data.blocks.teachers]
+    if resuming and path.exists():
+        recorded = json.loads(path.read_text())
+        for i, (old, new) in enumerate(zip(recorded, found)):
+            if old != new:
+                raise ConfigError(f"{path}: candidate {i} was {old['model']} (model {old['model_fingerprint'][:12]}) when this "
+                                  f"run started but is now {new['model']} (model {new['model_fingerprint'][:12]}); resume with "
+                                  "the same candidates, or pass --no-resume / another --output")
+        if len(recorded) != len(found):
+            raise ConfigError(f"{path}: the run started with {len(recorded)} candidates, this one has {len(found)}")
+    if d.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(found, indent=1) + "\n")
 
 
 def _lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

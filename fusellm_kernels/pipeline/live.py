@@ -1,0 +1,277 @@
+"""Online fusion: the candidates run inside training, on the documents a batch needs.
+
+Offline, every candidate is run once over the corpus (`fusellm teacher`), aligned
+(`fusellm align`) and packed into blocks (`fusellm assemble`). Online, the same three
+stages run on demand, with the same code, for the blocks a micro-batch is about to train:
+
+- `LiveTeacher` runs one model over some documents with the teacher pass's tokenizer
+  settings and its `_ShardRunner` (top-k ids and logits, per-token NLL, token bytes), and
+  passes the result through the store encoding and `decode_record`: a live record is what
+  `fusellm teacher` would have stored with the same `--format` (lossless by default: nothing
+  is stored, so nothing needs compacting).
+- `DocumentAligner` (the aligner of `fusellm align`) maps each source record onto the
+  target's tokens; its vocabulary map is computed once and cached on disk by the two
+  tokenizers' fingerprints.
+- `OnlineBlocks` packs the corpus's documents into target blocks exactly as `fusellm
+  assemble` does (`plan_blocks`, the target tokenizer's lengths) and builds a block with
+  assemble's `_build_shard` from the live records. Blocks and teacher tables then go through
+  the offline path unchanged (`build_batch`, the gather, segment weights, the fused head).
+
+Where a candidate's rows come from is the one thing that differs: `build_batch` asks each
+candidate for `get(doc_id)`, which a `TeacherStore` answers from disk and a live view from
+the records just computed, so stored and live candidates mix.
+
+Whole documents. A candidate needs a whole document (its context, its per-document CE
+score), but a document may straddle two blocks that train at different steps. The records
+of a document are computed when the first block holding it is built and kept until every
+block holding it has been built in this epoch (a count per document), then dropped. The
+sampler shuffles blocks within windows of `window × blocks_per_shard` blocks, so at most
+about that many straddling documents are held at once (one per block boundary); documents
+are not re-packed to avoid straddling, because the blocks must equal `fusellm assemble`'s.
+Documents whose logits turn out non-finite cannot be left out before packing as assemble
+does (nothing has run yet): their rows keep the target's CE and get no teacher.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from fusellm_kernels.pipeline.align_job import DocumentAligner, load_vocab_map, save_vocab_map
+from fusellm_kernels.pipeline.assemble import AssembleConfig, _build_shard, plan_blocks
+from fusellm_kernels.pipeline.teacher_pass import (
+    DEFAULT_MAX_LENGTH,
+    TeacherConfig,
+    TeacherPassError,
+    _context_length,
+    _Runtime,
+    _ShardRunner,
+    load_model,
+    load_tokenizer_and_config,
+    model_fingerprint,
+    tokenize_documents,
+    tokenizer_fingerprint,
+)
+from fusellm_kernels.store.alignment import DocAlignment
+from fusellm_kernels.store.blocks import Block
+from fusellm_kernels.store.format import decode_record, encode_shard, id_bits
+from fusellm_kernels.store.manifest import StoreError
+from fusellm_kernels.store.records import DocFlag, TeacherRecord
+
+
+class CorpusTexts:
+    """A prepared corpus's texts by document id (the corpus of `fusellm prepare`)."""
+
+    def __init__(self, path: str) -> None:
+        from fusellm_kernels.pipeline.corpus import load_corpus
+
+        self.path = path
+        self.ds, self.info = load_corpus(path)
+        cols = self.ds.select_columns(["doc_id", "text_hash"])[:]
+        self.doc_ids: list[int] = [int(d) for d in cols["doc_id"]]
+        self.hashes: list[int] = [int(h) for h in cols["text_hash"]]
+        self._row = {d: i for i, d in enumerate(self.doc_ids)}
+
+    def texts(self, doc_ids: Sequence[int]) -> tuple[list[str], list[int]]:
+        rows = [self._row[d] for d in doc_ids]
+        return [self.ds[r]["text"] for r in rows], [self.hashes[r] for r in rows]
+
+
+class LiveTeacher:
+    """One candidate model run on demand: `records(doc_ids)` returns the documents'
+    `TeacherRecord`s as `fusellm teacher` with `cfg` would store them. The model is frozen
+    (inference mode); `cfg.device`/`cfg.dtype` place it (auto: the training device, bf16 on
+    CUDA)."""
+
+    def __init__(self, cfg: TeacherConfig, corpus: CorpusTexts, device: torch.device) -> None:
+        tok, mconf, logits_size = load_tokenizer_and_config(cfg)
+        ctx = _context_length(mconf)
+        self.max_length = cfg.max_length or min(ctx or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
+        if ctx is not None and self.max_length > ctx:
+            raise TeacherPassError(f"--max-length {self.max_length} exceeds {cfg.model}'s context of {ctx} tokens")
+        self.num_ids = len(tok) if cfg.mask_padded_vocab else logits_size
+        if cfg.top_k > self.num_ids:
+            raise TeacherPassError(f"--top-k {cfg.top_k} exceeds {cfg.model}'s vocabulary ({self.num_ids} ids)")
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
+            cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        rt = _Runtime(rank=0, world=1, local_rank=0, device=device, dtype=dtype, owns_group=False)
+        model, loaded = load_model(cfg, mconf, rt, len(tok))
+        if loaded != logits_size:
+            raise TeacherPassError(f"{cfg.model}: its config says vocab_size {logits_size} but its output layer has {loaded} rows")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.cfg, self.corpus, self.tokenizer, self.logits_size = cfg, corpus, tok, logits_size
+        self.root = Path(cfg.model)  # named in errors, as a store's root is
+        self.k = cfg.top_k
+        self.encoding = cfg.encoding()
+        self.fingerprint = model_fingerprint(cfg.model)
+        self.tokenizer_fingerprint = tokenizer_fingerprint(cfg.tokenizer or cfg.model)
+        self._runner = _ShardRunner(model, cfg, rt, self.max_length, self.num_ids, logits_size)
+
+    def tokenize(self, doc_ids: Sequence[int]) -> list[Any]:
+        texts, hashes = self.corpus.texts(doc_ids)
+        return tokenize_documents(self.tokenizer, texts, list(doc_ids), hashes, self.cfg.add_bos, self.cfg.add_eos,
+                                  self.max_length, self.cfg.overflow)
+
+    def records(self, doc_ids: Sequence[int]) -> dict[int, TeacherRecord]:
+        if not doc_ids:
+            return {}
+        arrays, _ = self._runner.run(self.tokenize(doc_ids), lambda docs, rows: None)
+        tensors, _ = encode_shard(arrays, self.encoding, self.num_ids, self.k)  # the store's rounding, in memory
+        bits = id_bits(self.num_ids)
+        return {int(d): decode_record(tensors.__getitem__, arrays.index, pos, self.encoding, self.k, bits)
+                for pos, d in enumerate(arrays.index.doc_ids.tolist())}
+
+
+def cached_vocab_map(cache_dir: Path, aligner_kwargs: dict[str, Any], target_tok: Any, source_tok: Any,
+                     target_fp: str, source_fp: str) -> DocumentAligner:
+    """A `DocumentAligner` whose vocabulary map is computed once per pair of tokenizers (and
+    options) and kept under `cache_dir/<source fp>-<target fp>-<vocab_align>/` with its hash."""
+    folder = cache_dir / f"{source_fp[:16]}-{target_fp[:16]}-{aligner_kwargs.get('vocab_align', 'soft')}"
+    vm = load_vocab_map(folder) if (folder / "vocab_map.pt").exists() else None
+    aligner = DocumentAligner(target_tok, source_tok, vocab_map=vm, **aligner_kwargs)
+    if vm is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_vocab_map(folder, aligner.vocab_map)
+    return aligner
+
+
+@dataclass
+class _Entry:
+    records: list[TeacherRecord]  # per candidate, target first
+    maps: list[DocAlignment]  # per source candidate
+    left: int  # blocks holding the document not built yet in this epoch
+
+
+class _View:
+    """What `_build_shard` and `build_batch` ask of a candidate: `get(doc_id)`, `k`, `root`."""
+
+    def __init__(self, owner: OnlineBlocks, s: int, kind: str, root: Path, k: int) -> None:
+        self.owner, self.s, self.kind, self.root, self.k = owner, s, kind, root, k
+
+    def get(self, doc_id: int) -> Any:
+        entry = self.owner._entries[doc_id]
+        return entry.records[self.s] if self.kind == "record" else entry.maps[self.s - 1]
+
+
+class OnlineBlocks:
+    """Target blocks of a corpus with live candidates: reads like a `BlockReader`.
+
+    teachers: [frozen target, source, ...] (`LiveTeacher`s); aligners: one per source.
+    blocks_per_shard: blocks grouped into virtual shards for the sampler's shard-local shuffle.
+    """
+
+    def __init__(self, corpus: CorpusTexts, teachers: list[LiveTeacher], aligners: list[DocumentAligner], *,
+                 block_len: int, score: str = "per_byte", labels: str = "document", blocks_per_shard: int = 64) -> None:
+        if len(aligners) != len(teachers) - 1:
+            raise ValueError("one aligner per source candidate")
+        self.corpus, self.teachers, self.aligners = corpus, teachers, aligners
+        self._acfg = AssembleConfig(target="-", sources=(), output="-", block_len=block_len, score=score, labels=labels,
+                                    progress=False)
+        target = teachers[0]
+        lengths = []
+        for a in range(0, len(corpus.doc_ids), 1024):  # the target tokenizer's lengths: no model needed to pack
+            lengths += [int(d.ids.shape[0]) for d in target.tokenize(corpus.doc_ids[a:a + 1024])]
+        self.plan = plan_blocks(corpus.doc_ids, lengths, block_len)
+        self.block_len = block_len
+        self._lengths = dict(zip(corpus.doc_ids, lengths))
+        self.pieces: dict[int, int] = {}
+        for pieces in self.plan:
+            for pc in pieces:
+                self.pieces[pc.doc_id] = self.pieces.get(pc.doc_id, 0) + 1
+        self.starts = list(range(0, len(self.plan), blocks_per_shard)) + [len(self.plan)]
+        self._labels = [self._count_labels(pieces) for pieces in self.plan]
+        self._entries: dict[int, _Entry] = {}
+        self._lock = threading.RLock()  # the prefetch thread and the training thread both read blocks
+        s_count = len(teachers)
+        self.stores = [_View(self, s, "record", t.root, t.k) for s, t in enumerate(teachers)]
+        self._aligns = [_View(self, s, "map", t.root, t.k) for s, t in enumerate(teachers) if s > 0]
+        self.vocab_maps: list[torch.Tensor | None] = [None] + [al.vocab_map for al in aligners]
+        self.names = [t.root.name or str(t.root) for t in teachers]
+        assert len(self.stores) == s_count
+
+    def _count_labels(self, pieces: list[Any]) -> int:
+        rows = sum(pc.stop - pc.start for pc in pieces)
+        if self._acfg.labels == "shifted-block":
+            return max(rows - 1, 0)
+        # document labels: every row but a document's last has a next token
+        return sum(pc.stop - pc.start - (1 if pc.stop == self._lengths[pc.doc_id] else 0) for pc in pieces)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def num_labels(self, index: int) -> int:
+        """Rows of block `index` with a next token (the step's token count), without building it."""
+        return self._labels[index]
+
+    def prepare(self, indices: Sequence[int]) -> None:
+        """Run every candidate on the documents of these blocks that are not held yet (one
+        model batch per candidate for all of them) and align them."""
+        with self._lock:
+            want = [pc.doc_id for i in indices for pc in self.plan[i] if pc.doc_id not in self._entries]
+            want = list(dict.fromkeys(want))
+            if not want:
+                return
+            per_model = [t.records(want) for t in self.teachers]
+            for d in want:
+                recs = [m[d] for m in per_model]
+                bad = any(r.flags & DocFlag.NONFINITE for r in recs)
+                maps = []
+                for al, src in zip(self.aligners, recs[1:]):
+                    m = al.align(recs[0], src)
+                    if bad:  # no teacher from a candidate whose pass was not finite (see the module docstring)
+                        m = DocAlignment(d, torch.full_like(m.source_pos, -1), torch.full_like(m.fallback_id, -1))
+                    maps.append(m)
+                if recs[0].num_tokens != self._lengths[d]:
+                    raise StoreError(f"document {d}: the target tokenizer gave {recs[0].num_tokens} tokens now but "
+                                     f"{self._lengths[d]} when the blocks were packed")
+                self._entries[d] = _Entry(recs, maps, self.pieces[d])
+
+    def __getitem__(self, index: int) -> Block:
+        if not 0 <= index < len(self.plan):
+            raise IndexError(f"block {index} of {len(self.plan)} online blocks")
+        with self._lock:
+            self.prepare([index])
+            shard = _build_shard([self.plan[index]], self.stores[0], self._aligns, self.stores[1:], self._acfg)
+        return shard.block(0)
+
+    def release(self, indices: Sequence[int]) -> None:
+        """These blocks are built into a batch: drop the records no other block of the epoch
+        still needs (a later epoch computes them again)."""
+        with self._lock:
+            for i in indices:
+                for pc in self.plan[i]:
+                    entry = self._entries.get(pc.doc_id)
+                    if entry is not None:
+                        entry.left -= 1
+                        if entry.left <= 0:
+                            del self._entries[pc.doc_id]
+
+    @property
+    def held_documents(self) -> int:
+        return len(self._entries)
+
+
+def open_online(corpus_path: str, target_model: str, candidates: Sequence[str], *, block_len: int, top_k: int,
+                score: str, labels: str = "document", device: torch.device, cache_dir: Path,
+                teacher_options: dict[str, Any] | None = None, aligner_options: dict[str, Any] | None = None,
+                blocks_per_shard: int = 64) -> OnlineBlocks:
+    """Load the corpus, the frozen target copy and every candidate, check what can be
+    checked before the first step, and pack the blocks."""
+    corpus = CorpusTexts(corpus_path)
+    base = TeacherConfig(corpus=corpus_path, model=target_model, output="-", top_k=top_k, format="lossless",
+                         progress=False, **(teacher_options or {}))
+    teachers = [LiveTeacher(base, corpus, device)]
+    for path in candidates:
+        teachers.append(LiveTeacher(replace(base, model=path), corpus, device))
+    target = teachers[0]
+    aligners = []
+    for t in teachers[1:]:
+        aligners.append(cached_vocab_map(
+            cache_dir, dict(target_logits_size=target.logits_size, source_logits_size=t.logits_size, **(aligner_options or {})),
+            target.tokenizer, t.tokenizer, target.tokenizer_fingerprint, t.tokenizer_fingerprint))
+    return OnlineBlocks(corpus, teachers, aligners, block_len=block_len, score=score, labels=labels,
+                        blocks_per_shard=blocks_per_shard)

@@ -1,0 +1,109 @@
+"""Online fusion (`fusellm_kernels.pipeline.live`) against the offline pipeline on the same documents.
+
+The offline side runs `fusellm teacher --format lossless`, `fusellm align` and `fusellm
+assemble` on the tiny models; the online side runs the same candidates live. Positions,
+fallback ids, labels and document order must be identical; teacher logits and scores equal
+to float32 rounding (the live pass batches documents differently, so a row's logits may
+differ in the last bits); per-step training losses within the suite's tolerance policy.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusellm_kernels.pipeline.align_job import AlignConfig, run_align
+from fusellm_kernels.pipeline.assemble import AssembleConfig, run_assemble
+from fusellm_kernels.pipeline.live import open_online
+from fusellm_kernels.pipeline.teacher_pass import TeacherConfig, run_teacher_pass
+from fusellm_kernels.store.blocks import BlockStore
+from fusellm_kernels.store.format import TeacherStore
+from tests.fixtures_models import (  # noqa: F401 (fixtures)
+    models_dir,
+    tiny_corpus,
+    tiny_gpt2,
+    tiny_llama,
+    tok_bytelevel,
+    tok_metaspace,
+)
+
+TOP_K = 6
+BLOCK_LEN = 48
+
+
+@pytest.fixture(scope="module")
+def offline(tmp_path_factory, tiny_corpus, tiny_llama, tiny_gpt2) -> Path:
+    """Lossless teacher stores, the default (soft/next) alignment and blocks of 48 rows."""
+    d = tmp_path_factory.mktemp("offline")
+    kw = dict(corpus=str(tiny_corpus), progress=False, docs_per_shard=10, top_k=TOP_K, format="lossless")
+    run_teacher_pass(TeacherConfig(model=str(tiny_llama), output=str(d / "target"), **kw))
+    run_teacher_pass(TeacherConfig(model=str(tiny_gpt2), output=str(d / "source"), **kw))
+    run_align(AlignConfig(target=str(d / "target"), source=str(d / "source"), output=str(d / "align"), progress=False))
+    run_assemble(AssembleConfig(target=str(d / "target"), sources=(str(d / "align"),), output=str(d / "blocks"),
+                                block_len=BLOCK_LEN, blocks_per_shard=64, progress=False))  # one shard: the sampler shuffles as online
+    return d
+
+
+@pytest.fixture(scope="module")
+def online(tmp_path_factory, tiny_corpus, tiny_llama, tiny_gpt2):
+    return open_online(str(tiny_corpus), str(tiny_llama), [str(tiny_gpt2)], block_len=BLOCK_LEN, top_k=TOP_K,
+                       score="per_byte", device=torch.device("cpu"), cache_dir=tmp_path_factory.mktemp("vocab-cache"))
+
+
+def test_live_records_equal_the_lossless_store(offline, online):
+    stores = [TeacherStore(offline / "target"), TeacherStore(offline / "source")]
+    doc_ids = stores[0].doc_ids()
+    for teacher, store in zip(online.teachers, stores):
+        live = teacher.records(doc_ids)
+        assert sorted(live) == sorted(doc_ids)
+        for d in doc_ids:
+            got, want = live[d], store.get(d)
+            assert (got.doc_id, got.text_hash, got.flags) == (want.doc_id, want.text_hash, want.flags)
+            assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.token_bytes, want.token_bytes)
+            assert torch.equal(got.topk_ids, want.topk_ids), d
+            torch.testing.assert_close(got.topk_logits, want.topk_logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got.nll, want.nll, rtol=1e-5, atol=1e-5)
+            assert got.nll_sum == pytest.approx(want.nll_sum, rel=1e-5, abs=1e-5)
+
+
+def test_online_blocks_equal_the_assembled_ones(offline, online):
+    blocks = BlockStore(offline / "blocks")
+    assert len(online) == len(blocks)
+    assert online.vocab_maps[0] is None
+    offline_map = torch.load(offline / "align" / "vocab_map.pt", weights_only=True)
+    assert torch.equal(online.vocab_maps[1].long(), offline_map.long())
+    for i in range(len(blocks)):
+        want = blocks.shard(0).block(i)
+        got = online[i]
+        assert online.num_labels(i) == int((want.labels >= 0).sum())
+        for name in ("input_ids", "labels", "doc_index", "doc_ids", "doc_first_row", "source_pos", "fallback_id"):
+            assert torch.equal(getattr(got, name).long(), getattr(want, name).long()), (i, name)
+        for name in ("doc_ce", "token_ce", "block_ce"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5, equal_nan=True)
+    online.release(range(len(online)))
+    assert online.held_documents == 0  # every block built once: nothing is held any more
+
+
+def _train(tmp: Path, name: str, **kw) -> list[dict]:
+    from training.config import preset
+    from training.metrics import read_metrics
+    from training.train import train
+
+    out = tmp / name
+    cfg = preset("tiny", output=str(out), seq_len=BLOCK_LEN, global_batch=2, max_steps=3, plot=False, export=False,
+                 checkpoint_every=0, **kw)
+    train(cfg)
+    return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.mark.parametrize(("strategy", "weighting"), [("min_ce", "document"), ("avg_ce", "token")])
+def test_online_training_equals_offline(offline, tmp_path, tiny_corpus, tiny_llama, tiny_gpt2, strategy, weighting):
+    common = dict(model=str(tiny_llama), strategy=strategy, weighting=weighting, top_k=TOP_K)
+    stored = _train(tmp_path, "offline", data=str(offline / "blocks"), **common)
+    live = _train(tmp_path, "online", online=True, corpus=str(tiny_corpus), candidate=(str(tiny_gpt2),), **common)
+    assert [r["step"] for r in live] == [r["step"] for r in stored] == [1, 2, 3]
+    for a, b in zip(live, stored):
+        assert a["tokens"] == b["tokens"] and a["wins"] == b["wins"]
+        for key in ("loss", "ce", "fusion", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=2e-5, abs=1e-6), (a["step"], key)
