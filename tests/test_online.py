@@ -24,6 +24,7 @@ from tests.fixtures_models import (  # noqa: F401 (fixtures)
     tiny_corpus,
     tiny_gpt2,
     tiny_llama,
+    tiny_padded,
     tok_bytelevel,
     tok_metaspace,
 )
@@ -91,8 +92,8 @@ def _train(tmp: Path, name: str, **kw) -> list[dict]:
     from training.train import train
 
     out = tmp / name
-    cfg = preset("tiny", output=str(out), seq_len=BLOCK_LEN, global_batch=2, max_steps=3, plot=False, export=False,
-                 checkpoint_every=0, **kw)
+    cfg = preset("tiny", **{"output": str(out), "seq_len": BLOCK_LEN, "global_batch": 2, "max_steps": 3, "plot": False,
+                            "export": False, "checkpoint_every": 0, **kw})
     train(cfg)
     return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
 
@@ -107,3 +108,74 @@ def test_online_training_equals_offline(offline, tmp_path, tiny_corpus, tiny_lla
         assert a["tokens"] == b["tokens"] and a["wins"] == b["wins"]
         for key in ("loss", "ce", "fusion", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=2e-5, abs=1e-6), (a["step"], key)
+
+
+def test_a_stored_candidate_mixes_with_live_ones(offline, tiny_corpus, tiny_llama, tmp_path):
+    """--candidate naming a teacher store reads it instead of running a model: with the
+    offline source store as the candidate, the blocks equal the assembled ones too."""
+    mixed = open_online(str(tiny_corpus), str(tiny_llama), [str(offline / "source")], block_len=BLOCK_LEN, top_k=TOP_K,
+                        score="per_byte", device=torch.device("cpu"), cache_dir=tmp_path)
+    assert type(mixed.teachers[1]).__name__ == "StoredTeacher"
+    blocks = BlockStore(offline / "blocks")
+    for i in range(len(blocks)):
+        want, got = blocks.shard(0).block(i), mixed[i]
+        for name in ("input_ids", "labels", "source_pos", "fallback_id"):
+            assert torch.equal(getattr(got, name).long(), getattr(want, name).long()), (i, name)
+        torch.testing.assert_close(got.doc_ce, want.doc_ce, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+def test_online_resume_equals_a_straight_run_and_refuses_changed_candidates(tmp_path, tiny_corpus, tiny_llama, tiny_gpt2,
+                                                                            tiny_padded):
+    import shutil
+
+    from training.config import ConfigError
+
+    cand = tmp_path / "candidate"
+    shutil.copytree(tiny_gpt2, cand)
+    common = dict(model=str(tiny_llama), online=True, corpus=str(tiny_corpus), candidate=(str(cand),), top_k=TOP_K)
+    straight = _train(tmp_path, "straight", checkpoint_every=1, keep_checkpoints=3, **common)
+    # a run killed right after saving step 2 (its log already holds step 3)
+    src, dst = tmp_path / "straight", tmp_path / "resumed"
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / "step-00000002", dst / "checkpoints" / "step-00000002")
+    for name in ("config.json", "metrics.jsonl", "online"):
+        (shutil.copytree if (src / name).is_dir() else shutil.copy)(src / name, dst / name)
+    resumed = _train(tmp_path, "resumed", checkpoint_every=1, keep_checkpoints=3, **common)
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert resumed[2]["loss"] == pytest.approx(straight[2]["loss"], rel=2e-5, abs=1e-6)
+    assert resumed[2]["grad_norm"] == pytest.approx(straight[2]["grad_norm"], rel=2e-5, abs=1e-6)
+    # the same --candidate path now holds another model: refused, naming the candidate
+    shutil.rmtree(cand)
+    shutil.copytree(tiny_padded, cand)
+    with pytest.raises(ConfigError, match="candidate 1 was"):
+        _train(tmp_path, "resumed", checkpoint_every=1, keep_checkpoints=3, **common)
+
+
+def _cli(capsys, argv: list[str]) -> tuple[int, str]:
+    from fusellm_kernels.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # train exits through SystemExit(2)
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def test_cli_online_runs_and_refuses_bad_flags(capsys, tmp_path, tiny_corpus, tiny_llama, tiny_gpt2):
+    base = ["train", "--online", "--preset", "tiny", "--model", str(tiny_llama), "--corpus", str(tiny_corpus),
+            "--seq-len", str(BLOCK_LEN), "--global-batch", "2", "--max-steps", "1", "--no-export", "--no-plot", "--no-progress",
+            "--top-k", str(TOP_K)]
+    rc, err = _cli(capsys, [*base, "--candidate", str(tiny_gpt2), "--output", str(tmp_path / "ok")])
+    assert rc == 0, err
+    recorded = (tmp_path / "ok" / "online" / "candidates.json").read_text()
+    assert str(tiny_gpt2) in recorded and "model_fingerprint" in recorded
+    for extra, named in (([], "--candidate"),  # fusion online needs a source
+                         (["--candidate", str(tmp_path / "nowhere")], f"--candidate {tmp_path / 'nowhere'} does not exist"),
+                         (["--candidate", str(tiny_gpt2), "--data", str(tmp_path)], "--data"),
+                         (["--candidate", str(tiny_gpt2), "--eval-holdout", "1"], "--eval-holdout"),
+                         (["--candidate", str(tiny_gpt2), "--score", "mean"], "--score")):
+        rc, err = _cli(capsys, [*base, *extra, "--output", str(tmp_path / "bad")])
+        assert rc == 2 and named in err and "Traceback" not in err, (extra, err)
+    rc, err = _cli(capsys, ["train", "--model", str(tiny_llama), "--data", str(tmp_path), "--output", str(tmp_path / "x"),
+                            "--candidate", str(tiny_gpt2)])
+    assert rc == 2 and "--candidate" in err and "only with --online" in err, err

@@ -126,6 +126,46 @@ class LiveTeacher:
                 for pos, d in enumerate(arrays.index.doc_ids.tolist())}
 
 
+class StoredTeacher:
+    """A source candidate whose records come from its teacher store (`fusellm teacher`)
+    rather than from a live model: the same `records(doc_ids)` as `LiveTeacher`, so stored
+    and live candidates mix in one run. The store must be of the training corpus."""
+
+    def __init__(self, path: str, corpus: CorpusTexts, verify: bool = True) -> None:
+        from fusellm_kernels.pipeline.align_job import _tokenizer
+        from fusellm_kernels.store.format import TeacherStore
+
+        self.store = TeacherStore(path, verify=verify)
+        if self.store.manifest["corpus"]["fingerprint"] != corpus.info.fingerprint:
+            raise StoreError(f"--candidate {path}: this teacher store was made from another corpus than --corpus {corpus.path}")
+        self.root, self.k = self.store.root, self.store.k
+        self.tokenizer = _tokenizer(self.store)  # refused if its files changed since the store was made
+        self.logits_size = int(self.store.manifest["model"]["logits_size"])
+        self.fingerprint = str(self.store.manifest["model"]["fingerprint"])
+        self.tokenizer_fingerprint = str(self.store.tokenizer_fingerprint)
+
+    def records(self, doc_ids: Sequence[int]) -> dict[int, TeacherRecord]:
+        out = {}
+        for d in doc_ids:
+            try:
+                out[int(d)] = self.store.get(int(d))
+            except KeyError:
+                raise StoreError(f"document {d} of --corpus is missing from the teacher store {self.root}") from None
+        return out
+
+
+def is_teacher_store(path: str) -> bool:
+    """Whether `path` is a teacher store (a --candidate may name one instead of a model folder)."""
+    from fusellm_kernels.store.format import TEACHER_STORE_FORMAT
+    from fusellm_kernels.store.manifest import read_json
+
+    manifest = Path(path) / "manifest.json"
+    try:
+        return manifest.is_file() and read_json(manifest).get("format") == TEACHER_STORE_FORMAT
+    except (OSError, ValueError, StoreError):
+        return False
+
+
 def cached_vocab_map(cache_dir: Path, aligner_kwargs: dict[str, Any], target_tok: Any, source_tok: Any,
                      target_fp: str, source_fp: str) -> DocumentAligner:
     """A `DocumentAligner` whose vocabulary map is computed once per pair of tokenizers (and
@@ -160,11 +200,12 @@ class _View:
 class OnlineBlocks:
     """Target blocks of a corpus with live candidates: reads like a `BlockReader`.
 
-    teachers: [frozen target, source, ...] (`LiveTeacher`s); aligners: one per source.
+    teachers: [frozen target (a `LiveTeacher`), source, ...] (`LiveTeacher` or `StoredTeacher`);
+    aligners: one per source.
     blocks_per_shard: blocks grouped into virtual shards for the sampler's shard-local shuffle.
     """
 
-    def __init__(self, corpus: CorpusTexts, teachers: list[LiveTeacher], aligners: list[DocumentAligner], *,
+    def __init__(self, corpus: CorpusTexts, teachers: list[Any], aligners: list[DocumentAligner], *,
                  block_len: int, score: str = "per_byte", labels: str = "document", blocks_per_shard: int = 64) -> None:
         if len(aligners) != len(teachers) - 1:
             raise ValueError("one aligner per source candidate")
@@ -218,6 +259,9 @@ class OnlineBlocks:
             per_model = [t.records(want) for t in self.teachers]
             for d in want:
                 recs = [m[d] for m in per_model]
+                for t, r in zip(self.teachers[1:], recs[1:]):
+                    if r.text_hash != recs[0].text_hash:
+                        raise StoreError(f"document {d} holds another text in {t.root} than in --corpus {self.corpus.path}")
                 bad = any(r.flags & DocFlag.NONFINITE for r in recs)
                 maps = []
                 for al, src in zip(self.aligners, recs[1:]):
@@ -259,14 +303,22 @@ def open_online(corpus_path: str, target_model: str, candidates: Sequence[str], 
                 score: str, labels: str = "document", device: torch.device, cache_dir: Path,
                 teacher_options: dict[str, Any] | None = None, aligner_options: dict[str, Any] | None = None,
                 blocks_per_shard: int = 64) -> OnlineBlocks:
-    """Load the corpus, the frozen target copy and every candidate, check what can be
-    checked before the first step, and pack the blocks."""
+    """Load the corpus, the frozen target copy and every candidate (a model folder, run
+    live, or a teacher store of the corpus, read), check what can be checked before the
+    first step, and pack the blocks."""
     corpus = CorpusTexts(corpus_path)
     base = TeacherConfig(corpus=corpus_path, model=target_model, output="-", top_k=top_k, format="lossless",
                          progress=False, **(teacher_options or {}))
-    teachers = [LiveTeacher(base, corpus, device)]
-    for path in candidates:
-        teachers.append(LiveTeacher(replace(base, model=path), corpus, device))
+    teachers: list[Any] = [LiveTeacher(base, corpus, device)]
+    for path in candidates:  # a teacher store is read, a model folder is run
+        if not Path(path).exists():
+            raise TeacherPassError(f"--candidate {path} does not exist: give a local transformers model folder (with its "
+                                   "tokenizer) or a teacher store of --corpus")
+        try:
+            teachers.append(StoredTeacher(path, corpus) if is_teacher_store(path)
+                            else LiveTeacher(replace(base, model=path), corpus, device))
+        except TeacherPassError as e:  # the teacher pass names its own flag
+            raise TeacherPassError(str(e).replace("--model", "--candidate")) from None
     target = teachers[0]
     aligners = []
     for t in teachers[1:]:
