@@ -169,6 +169,11 @@ def test_cli_online_runs_and_refuses_bad_flags(capsys, tmp_path, tiny_corpus, ti
     assert rc == 0, err
     recorded = (tmp_path / "ok" / "online" / "candidates.json").read_text()
     assert str(tiny_gpt2) in recorded and "model_fingerprint" in recorded
+    from training.metrics import read_metrics
+
+    (step,) = [r for r in read_metrics(tmp_path / "ok" / "metrics.jsonl") if "loss" in r]
+    assert step["candidates_s"] > 0 and step["align_s"] > 0 and step["data_s"] >= 0 and step["held_documents"] >= 0
+    assert 0.0 < step["aligned_fraction"]["gpt2"] <= 1.0 and set(step["wins"]) == {"llama", "gpt2"}
     for extra, named in (([], "--candidate"),  # fusion online needs a source
                          (["--candidate", str(tmp_path / "nowhere")], f"--candidate {tmp_path / 'nowhere'} does not exist"),
                          (["--candidate", str(tiny_gpt2), "--data", str(tmp_path)], "--data"),
@@ -179,3 +184,32 @@ def test_cli_online_runs_and_refuses_bad_flags(capsys, tmp_path, tiny_corpus, ti
     rc, err = _cli(capsys, ["train", "--model", str(tiny_llama), "--data", str(tmp_path), "--output", str(tmp_path / "x"),
                             "--candidate", str(tiny_gpt2)])
     assert rc == 2 and "--candidate" in err and "only with --online" in err, err
+
+
+def test_online_two_ranks_equal_one_process(tmp_path, tiny_corpus, tiny_llama, tiny_gpt2):
+    """2 CPU ranks (gloo, torchrun), each running the candidates on its share of the blocks."""
+    import os
+    import subprocess
+    import sys
+
+    from training.metrics import read_metrics
+
+    common = dict(model=str(tiny_llama), online=True, corpus=str(tiny_corpus), candidate=(str(tiny_gpt2),), top_k=TOP_K,
+                  strategy="min_ce", weighting="token")
+    single = _train(tmp_path, "single", **common)
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "training.train",
+           "--preset", "tiny", "--online", "--model", str(tiny_llama), "--corpus", str(tiny_corpus), "--candidate", str(tiny_gpt2),
+           "--top-k", str(TOP_K), "--strategy", "min_ce", "--weighting", "token", "--seq-len", str(BLOCK_LEN),
+           "--global-batch", "2", "--max-steps", "3", "--no-plot", "--no-export", "--checkpoint-every", "0",
+           "--output", str(out)]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    two = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(two, single):
+        assert a["tokens"] == b["tokens"] and a["wins"] == b["wins"]
+        for key in ("loss", "ce", "fusion", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=2e-5, abs=1e-6), (a["step"], key)

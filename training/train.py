@@ -226,6 +226,8 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None
                       "model_flops": flops_per_token * tokens,
                       "mfu": None if peak is None else flops_per_token * tokens / dt / (peak * d.world),
                       "peak_mem_gib": peak_memory_gib(d.device), "epoch": sampler.epoch}
+            if cfg.online:  # the step's time split: data_s is the wait for the batch, these the work behind it
+                record.update(data.blocks.take_times(), held_documents=data.blocks.held_documents)
             if fusion:
                 record["wins"] = {name: int(w) for name, w in zip(data.names, sums[3:3 + n_cand].tolist())}
                 # AvgCE's weights are spread over candidates; its wins table equals MinCE's by construction

@@ -34,6 +34,7 @@ does (nothing has run yet): their rows keep the target's CE and get no teacher.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -226,6 +227,8 @@ class OnlineBlocks:
         self.starts = list(range(0, len(self.plan), blocks_per_shard)) + [len(self.plan)]
         self._labels = [self._count_labels(pieces) for pieces in self.plan]
         self._entries: dict[int, _Entry] = {}
+        self._times = {"candidates_s": 0.0, "align_s": 0.0}  # work done since `take_times`
+        self._rows = torch.zeros(len(teachers), dtype=torch.int64)  # real rows / aligned rows per source, since then
         self._lock = threading.RLock()  # the prefetch thread and the training thread both read blocks
         s_count = len(teachers)
         self.stores = [_View(self, s, "record", t.root, t.k) for s, t in enumerate(teachers)]
@@ -256,7 +259,9 @@ class OnlineBlocks:
             want = list(dict.fromkeys(want))
             if not want:
                 return
+            t0 = time.perf_counter()
             per_model = [t.records(want) for t in self.teachers]
+            t1 = time.perf_counter()
             for d in want:
                 recs = [m[d] for m in per_model]
                 for t, r in zip(self.teachers[1:], recs[1:]):
@@ -273,6 +278,8 @@ class OnlineBlocks:
                     raise StoreError(f"document {d}: the target tokenizer gave {recs[0].num_tokens} tokens now but "
                                      f"{self._lengths[d]} when the blocks were packed")
                 self._entries[d] = _Entry(recs, maps, self.pieces[d])
+            self._times["candidates_s"] += t1 - t0
+            self._times["align_s"] += time.perf_counter() - t1
 
     def __getitem__(self, index: int) -> Block:
         if not 0 <= index < len(self.plan):
@@ -280,6 +287,9 @@ class OnlineBlocks:
         with self._lock:
             self.prepare([index])
             shard = _build_shard([self.plan[index]], self.stores[0], self._aligns, self.stores[1:], self._acfg)
+            real = shard.doc_index[0] >= 0
+            self._rows[0] += int(real.sum())
+            self._rows[1:] += (shard.source_pos[1:, 0] >= 0)[:, real].sum(-1)
         return shard.block(0)
 
     def release(self, indices: Sequence[int]) -> None:
@@ -293,6 +303,17 @@ class OnlineBlocks:
                         entry.left -= 1
                         if entry.left <= 0:
                             del self._entries[pc.doc_id]
+
+    def take_times(self) -> dict[str, float]:
+        """Seconds spent running the candidates and aligning since the last call (on the
+        prefetch thread this work overlaps the training step), and the fraction of the target
+        rows built since then that each source aligned: for the step's log."""
+        with self._lock:
+            out, self._times = dict(self._times), {"candidates_s": 0.0, "align_s": 0.0}
+            rows, self._rows = self._rows, torch.zeros_like(self._rows)
+        if rows[0] > 0:  # the fraction of target rows each source gave a distribution (as assemble's manifest)
+            out["aligned_fraction"] = {name: float(a) / float(rows[0]) for name, a in zip(self.names[1:], rows[1:].tolist())}
+        return out
 
     @property
     def held_documents(self) -> int:
