@@ -87,7 +87,7 @@ class LiveTeacher:
     (inference mode); `cfg.device`/`cfg.dtype` place it (auto: the training device, bf16 on
     CUDA)."""
 
-    def __init__(self, cfg: TeacherConfig, corpus: CorpusTexts, device: torch.device) -> None:
+    def __init__(self, cfg: TeacherConfig, corpus: CorpusTexts, device: torch.device, load: bool = True) -> None:
         tok, mconf, logits_size = load_tokenizer_and_config(cfg)
         ctx = _context_length(mconf)
         self.max_length = cfg.max_length or min(ctx or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
@@ -98,28 +98,52 @@ class LiveTeacher:
             raise TeacherPassError(f"--top-k {cfg.top_k} exceeds {cfg.model}'s vocabulary ({self.num_ids} ids)")
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
             cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-        rt = _Runtime(rank=0, world=1, local_rank=0, device=device, dtype=dtype, owns_group=False)
-        model, loaded = load_model(cfg, mconf, rt, len(tok))
-        if loaded != logits_size:
-            raise TeacherPassError(f"{cfg.model}: its config says vocab_size {logits_size} but its output layer has {loaded} rows")
-        for p in model.parameters():
-            p.requires_grad_(False)
+        self._rt = _Runtime(rank=0, world=1, local_rank=0, device=device, dtype=dtype, owns_group=False)
+        self._mconf = mconf
         self.cfg, self.corpus, self.tokenizer, self.logits_size = cfg, corpus, tok, logits_size
         self.root = Path(cfg.model)  # named in errors, as a store's root is
         self.k = cfg.top_k
         self.encoding = cfg.encoding()
         self.fingerprint = model_fingerprint(cfg.model)
         self.tokenizer_fingerprint = tokenizer_fingerprint(cfg.tokenizer or cfg.model)
-        self._runner = _ShardRunner(model, cfg, rt, self.max_length, self.num_ids, logits_size)
+        self._runner: _ShardRunner | None = None
+        if load:
+            self.load()
+
+    def load(self) -> None:
+        """Load the model (frozen, in inference mode) unless it is loaded."""
+        if self._runner is not None:
+            return
+        model, loaded = load_model(self.cfg, self._mconf, self._rt, len(self.tokenizer))
+        if loaded != self.logits_size:
+            raise TeacherPassError(f"{self.cfg.model}: its config says vocab_size {self.logits_size} but its output layer "
+                                   f"has {loaded} rows")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._runner = _ShardRunner(model, self.cfg, self._rt, self.max_length, self.num_ids, self.logits_size)
 
     def tokenize(self, doc_ids: Sequence[int]) -> list[Any]:
         texts, hashes = self.corpus.texts(doc_ids)
         return tokenize_documents(self.tokenizer, texts, list(doc_ids), hashes, self.cfg.add_bos, self.cfg.add_eos,
                                   self.max_length, self.cfg.overflow)
 
+    def token_records(self, doc_ids: Sequence[int]) -> dict[int, TeacherRecord]:
+        """Records holding only the tokens (and their bytes): what blocks for CE alone need,
+        with no model run. Their top-k slots are empty (id −1) and their NLL 0."""
+        out = {}
+        for d in self.tokenize(doc_ids):
+            n = int(d.ids.shape[0])
+            out[d.doc_id] = TeacherRecord(
+                doc_id=d.doc_id, text_hash=d.text_hash, flags=d.flags, input_ids=torch.from_numpy(d.ids),
+                topk_ids=torch.full((n, self.k), -1, dtype=torch.int64), topk_logits=torch.zeros(n, self.k),
+                nll=torch.zeros(n), token_bytes=torch.from_numpy(d.token_bytes).to(torch.int32), lse=None, nll_sum=0.0)
+        return out
+
     def records(self, doc_ids: Sequence[int]) -> dict[int, TeacherRecord]:
         if not doc_ids:
             return {}
+        self.load()
+        assert self._runner is not None
         arrays, _ = self._runner.run(self.tokenize(doc_ids), lambda docs, rows: None)
         tensors, _ = encode_shard(arrays, self.encoding, self.num_ids, self.k)  # the store's rounding, in memory
         bits = id_bits(self.num_ids)
@@ -260,7 +284,10 @@ class OnlineBlocks:
             if not want:
                 return
             t0 = time.perf_counter()
-            per_model = [t.records(want) for t in self.teachers]
+            if len(self.teachers) == 1:  # CE alone (no source): the target's tokens, no model run
+                per_model = [self.teachers[0].token_records(want)]
+            else:
+                per_model = [t.records(want) for t in self.teachers]
             t1 = time.perf_counter()
             for d in want:
                 recs = [m[d] for m in per_model]
@@ -330,7 +357,7 @@ def open_online(corpus_path: str, target_model: str, candidates: Sequence[str], 
     corpus = CorpusTexts(corpus_path)
     base = TeacherConfig(corpus=corpus_path, model=target_model, output="-", top_k=top_k, format="lossless",
                          progress=False, **(teacher_options or {}))
-    teachers: list[Any] = [LiveTeacher(base, corpus, device)]
+    teachers: list[Any] = [LiveTeacher(base, corpus, device, load=bool(candidates))]  # CE alone needs no frozen copy
     for path in candidates:  # a teacher store is read, a model folder is run
         if not Path(path).exists():
             raise TeacherPassError(f"--candidate {path} does not exist: give a local transformers model folder (with its "
