@@ -367,6 +367,9 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
                         "processes (default 2, for two cores; 1 runs everything in this process)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads of each worker (default 1: with fixed threads every stage is deterministic)")
+    p.add_argument("--online", action="store_true",
+                   help="run the candidates inside training (`fusellm train --online`) instead of the teacher, align and "
+                        "assemble stages over the training text (default: a run directory of its own, runs/fuse/PRESET-online)")
     p.add_argument("--overwrite", action="store_true", help="delete the run directory first and build everything again")
 
 
@@ -376,7 +379,7 @@ def _fuse_run(a: argparse.Namespace) -> RunSummary:
 
     t0 = time.perf_counter()
     overrides = {k: v for k, v in (("output", a.output), ("train_steps", a.train_steps), ("threads", a.threads),
-                                   ("workers", a.workers),
+                                   ("workers", a.workers), ("online", a.online or None),
                                    ("progress", False if a.no_progress else None),
                                    ("clm_seeds", a.clm_seeds and tuple(a.clm_seeds)),
                                    ("fusion_seeds", a.fusion_seeds and tuple(a.fusion_seeds))) if v is not None}

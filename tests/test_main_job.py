@@ -208,6 +208,29 @@ def test_two_runs_give_identical_reports(smoke, tmp_path):
     assert _stable(rep, again.output) == _stable(first, cfg.output)
 
 
+def test_online_main_job_equals_the_offline_one(smoke, tmp_path):
+    """`fusellm fuse --online`: no teacher store, alignment or blocks for the training text, the
+    candidates run inside training; same seeds, same held-out perplexities as offline (CE-only
+    runs to the bit: the same blocks in the same order; fusion runs to float32 rounding of the
+    live teacher pass), each source's aligned fraction and the runs' time split reported."""
+    cfg, offline = smoke
+    online_cfg = replace(cfg, output=str(tmp_path / "online"), online=True)
+    rep = run_fuse(online_cfg, say=lambda _msg: None)
+    root = Path(online_cfg.output)
+    assert not (root / "teacher" / "target").exists() and not (root / "align").exists() and not (root / "blocks" / "train").exists()
+    assert (root / "blocks" / "heldout" / "manifest.json").exists()
+    ppl = {r["name"]: r["perplexity"] for r in offline["runs"]}
+    for r in rep["runs"]:
+        rel = 0.0 if r["mode"] == "clm" else 1e-3
+        assert r["perplexity"] == pytest.approx(ppl[r["name"]], rel=rel), r["name"]
+    assert set(rep["aligned_fraction"]) == set(offline["aligned_fraction"])
+    for name, af in rep["aligned_fraction"].items():
+        assert 0.0 < af <= 1.0
+    assert set(rep["online"]) == {r["name"] for r in rep["runs"]}
+    assert all(t["candidates_s"] > 0 for n, t in rep["online"].items() if not n.startswith("clm"))
+    assert "Online training" in (root / "report" / "report.md").read_text()
+
+
 def test_stage_cache_keys(tmp_path):
     """A stage re-runs when its settings, an upstream stage's key or its output changes; else cached."""
     from fusellm_kernels.demo.job import Job, _Stages

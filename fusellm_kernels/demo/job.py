@@ -111,6 +111,9 @@ class FuseConfig:
     eval_every: int = 80
     eval_blocks: int = 96                # the trainer's own periodic evaluation reads a slice (the curves' dots);
                                          # the verdict's numbers come from the whole held-out text
+    # online fusion: the candidates run inside training (no teacher store, align or assemble
+    # for the training part; the held-out blocks are still assembled, target only)
+    online: bool = False
     # execution: independent stages run `workers` at a time, `threads` torch threads each
     workers: int = 2
     threads: int = 1
@@ -147,6 +150,9 @@ class FuseConfig:
                 raise bad(option, list(seeds), "give at least one seed, distinct and non-negative")
         if not self.strategies or len(set(self.strategies)) != len(self.strategies):
             raise bad("strategies", self.strategies, "give at least one strategy, each once")
+        if self.online and (self.labels != "document" or self.align_reference):
+            raise bad("online", self.online, "online training packs blocks with document labels and the default "
+                      "alignment; the reference preset's --labels shifted-block and --reference run offline only")
         output = Path(self.output)
         if output.exists() and not output.is_dir():
             raise bad("output", self.output, "is a file, not a directory; choose another run directory")
@@ -212,8 +218,8 @@ class FuseConfig:
         builders: list[tuple[str, Callable[[], Any]]] = [
             *[("prepare", lambda part=part: _prepare_cfg(self, root, part)) for part in ("train", "heldout")],
             *[("teacher", lambda n=n, part=part: _teacher_cfg(self, root, n, part)) for n, part in _teacher_passes(self)],
-            *[("align", lambda n=n: _align_cfg(self, root, n)) for n, _ in self.sources],
-            *[("assemble", lambda part=part: _assemble_cfg(self, root, part)) for part in ("train", "heldout")],
+            *[("align", lambda n=n: _align_cfg(self, root, n)) for n, _ in self.sources if not self.online],
+            *[("assemble", lambda part=part: _assemble_cfg(self, root, part)) for part in _assembled_parts(self)],
             *[("train", lambda r=r: _train_cfg(self, root, *r).validate()) for r in _train_plan(self)],
         ]
         for stage, build in builders:
@@ -228,6 +234,7 @@ class FuseConfig:
 
 #: the `fusellm fuse` flags, by FuseConfig field
 _FLAGS = {"train_steps": "--train-steps", "workers": "--workers", "threads": "--threads", "clm_seeds": "--clm-seeds",
+          "online": "--online",
           "fusion_seeds": "--fusion-seeds", "output": "--output", "preset": "--preset"}
 
 #: (stage, the stage's flag) -> the FuseConfig field that sets it (see the _*_cfg builders)
@@ -285,7 +292,7 @@ def preset(name: str, **overrides: Any) -> FuseConfig:
     if name not in PRESETS:
         raise FuseError(f"--preset {name!r}: choose one of {sorted(PRESETS)}")
     values = {**PRESETS[name], **overrides}
-    values.setdefault("output", _default_output(name))
+    values.setdefault("output", _default_output(name + ("-online" if values.get("online") else "")))
     return FuseConfig(preset=name, **values)
 
 
@@ -546,8 +553,13 @@ def _prepare_cfg(cfg: FuseConfig, root: Path, part: str) -> Any:
 
 def _teacher_passes(cfg: FuseConfig) -> list[tuple[str, str]]:
     """(model, corpus part) of every teacher pass: each model over the training part, the
-    target over the held-out part too (its blocks are the trainer's evaluation)."""
-    return [(n, "train") for n, _ in cfg.models] + [("target", "heldout")]
+    target over the held-out part too (its blocks are the trainer's evaluation). Online, the
+    training part's passes run inside training."""
+    return ([] if cfg.online else [(n, "train") for n, _ in cfg.models]) + [("target", "heldout")]
+
+
+def _assembled_parts(cfg: FuseConfig) -> tuple[str, ...]:
+    return ("heldout",) if cfg.online else ("train", "heldout")
 
 
 def _teacher_cfg(cfg: FuseConfig, root: Path, name: str, part: str) -> Any:
@@ -587,14 +599,19 @@ def _train_plan(cfg: FuseConfig) -> list[tuple[str, str, str, int]]:
 def _train_cfg(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str, seed: int) -> Any:
     from training.config import TrainConfig
 
+    # online: the live teacher pass keeps cfg.top_k slots (offline, the stores hold that many: top_k=0 takes them all)
+    online = dict(online=True, corpus=str(root / "prepared" / "train"), score=cfg.score,
+                  candidate=tuple(str(root / "models" / n) for n, _ in cfg.sources) if mode == "fusion" else ()) if cfg.online else {}
     return TrainConfig(
-        model=str(root / "models" / "target"), data=str(root / "blocks" / "train"), output=str(root / "train" / name),
+        model=str(root / "models" / "target"), data="" if cfg.online else str(root / "blocks" / "train"),
+        output=str(root / "train" / name),
         eval_data=str(root / "blocks" / "heldout"), mode=mode, strategy=strategy, weighting=cfg.weighting, lam=cfg.lam,
-        top_k=0, seq_len=cfg.block_len, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, epochs=1_000_000,
+        top_k=cfg.top_k if cfg.online else 0, seq_len=cfg.block_len, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, epochs=1_000_000,
         max_steps=cfg.train_steps, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio, seed=seed,
         param_dtype="float32", attention=cfg.attention, fusion_rows=cfg.fusion_rows, log_every=max(1, cfg.train_steps // 6),
         eval_every=cfg.eval_every, eval_batches=cfg.eval_blocks, checkpoint_every=max(1, cfg.train_steps // 2), keep_checkpoints=1, export=True,
         progress=False, plot=False,  # the job shows one bar for all runs; the report draws every run's curves
+        **online,
     )
 
 
@@ -710,6 +727,12 @@ def _job_train(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str,
     evals = [r for r in records if "eval_ppl" in r]
     wins: dict[str, int] = {}
     mass: dict[str, float] = {}
+    online: dict[str, Any] = {}
+    if cfg.online:  # the candidates' work inside training, and each source's aligned fraction over the run
+        online = {key: sum(float(r.get(key, 0.0)) for r in steps) for key in ("data_s", "candidates_s", "align_s", "step_s")}
+        fractions = [r["aligned_fraction"] for r in steps if "aligned_fraction" in r]
+        if fractions:
+            online["aligned_fraction"] = {n: sum(f[n] for f in fractions) / len(fractions) for n in fractions[0]}
     for r in steps:
         for cand, w in r.get("wins", {}).items():
             wins[cand] = wins.get(cand, 0) + int(w)
@@ -720,7 +743,7 @@ def _job_train(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str,
             "trainer_eval_curve": [(r["step"], r["eval_ppl"]) for r in evals],
             "ce_curve": [(r["step"], r["ce"]) for r in steps], "fusion_curve": [(r["step"], r["fusion"]) for r in steps],
             "weight_mass_curve": [(r["step"], r.get("weight_mass", {})) for r in steps],
-            "wins": wins, "weight_mass": mass, "export": result["export"], "output": str(out),
+            "wins": wins, "weight_mass": mass, "export": result["export"], "output": str(out), "online": online,
             "heldout": _score(Path(result["export"]), root / "corpus" / "heldout.jsonl", cfg.target.context)}
 
 
@@ -827,9 +850,10 @@ def _run(cfg: FuseConfig, root: Path, stages: _Stages, say: Callable[[str], None
         teacher[f"{name}/{part}"] = passes[job.name]
         say(f"    {name} ({part}): {passes[job.name]['tokens']:,} tokens")
 
-    say("[5/8] fusellm align: each source's tokens against the target's (exact MinED)")
+    say("[5/8] fusellm align: each source's tokens against the target's (exact MinED)"
+        + (" — online: inside training" if cfg.online else ""))
     aligned: dict[str, dict[str, Any]] = {}
-    for name, _ in cfg.sources:
+    for name, _ in ([] if cfg.online else cfg.sources):
         out = root / "align" / name
         acfg = _align_cfg(cfg, root, name)
         aligned[name] = stages.run(Job(f"align {name}", (replace(acfg, workers=1),), (out / "manifest.json",),
@@ -840,25 +864,28 @@ def _run(cfg: FuseConfig, root: Path, stages: _Stages, say: Callable[[str], None
         aligned[name] = {**aligned[name], "aligned_fraction": counts["aligned_fraction"]}
         say(f"    {name}: {aligned[name]['aligned_fraction']:.1%} of target rows aligned")
 
-    say("[6/8] fusellm assemble: training and held-out blocks")
+    say("[6/8] fusellm assemble: training and held-out blocks" + (" — online: held-out only" if cfg.online else ""))
     blocks = {}
-    for part in ("train", "heldout"):
+    for part in _assembled_parts(cfg):
         bcfg = _assemble_cfg(cfg, root, part)
         deps = (f"teacher target ({part})", *([f"align {n}" for n, _ in cfg.sources] if part == "train" else []))
         blocks[part] = stages.run(Job(f"assemble {part}", (bcfg,), (Path(bcfg.output) / "manifest.json",),
                                       lambda bcfg=bcfg: run_assemble(bcfg).to_json(), (), after=deps))
         say(f"    {part}: {blocks[part]['blocks']} blocks of {cfg.block_len} rows")
-    n_train_blocks = int(blocks["train"]["blocks"])
+    n_train_blocks = int(blocks["train"]["blocks"]) if "train" in blocks else cfg.global_batch  # online: the trainer checks
     if n_train_blocks < cfg.global_batch:
         raise FuseError(f"{n_train_blocks} training blocks cannot fill one global batch of {cfg.global_batch}; "
                         "give the target more text (corpus target_chars) or a smaller global batch")
 
     say("[7/8] fusellm train: the target, CLM-only and fused, the same blocks and steps each")
     train_key = (cfg.train_steps, cfg.global_batch, cfg.micro_batch, cfg.lr, cfg.min_lr_ratio, cfg.lam, cfg.weighting,
-                 cfg.attention, cfg.fusion_rows, cfg.warmup_ratio, cfg.eval_every, cfg.eval_blocks, cfg.target.context)
+                 cfg.attention, cfg.fusion_rows, cfg.warmup_ratio, cfg.eval_every, cfg.eval_blocks, cfg.target.context,
+                 *((cfg.online, cfg.top_k, cfg.score) if cfg.online else ()))
     plan = _train_plan(cfg)
     jobs = [Job(f"train {name}", (train_key, mode, strategy, seed), (root / "train" / name / "metrics.jsonl",), _job_train,
-                (cfg, root, name, mode, strategy, seed), after=("assemble train", "assemble heldout", "model target"),
+                (cfg, root, name, mode, strategy, seed),
+                after=(*[f"assemble {p}" for p in _assembled_parts(cfg)], "model target",
+                       *(["prepare train", *[f"model {n}" for n, _ in cfg.sources]] if cfg.online else [])),
                 steps=cfg.train_steps) for name, mode, strategy, seed in plan]
     trained = stages.run_group("training runs", jobs)
     runs = [trained[f"train {name}"] for name, *_ in plan]

@@ -233,7 +233,21 @@ def _markdown(rep: dict[str, Any]) -> str:
     for n, st in rep["stores"].items():
         af = rep["aligned_fraction"].get(n)
         m.append(f"| {n} | {'—' if af is None else f'{af:.1%}'} | {st['bytes_per_token']:.1f} | {st['tokens']:,} |")
-    m.append(f"| blocks (train) | | {rep['blocks']['train']['bytes_per_token']:.1f} | {rep['blocks']['train']['tokens']:,} |")
+    for n, af in rep["aligned_fraction"].items():
+        if n not in rep["stores"]:  # online: aligned inside training, nothing stored
+            m.append(f"| {n} (online) | {af:.1%} | | |")
+    if "train" in rep["blocks"]:
+        m.append(f"| blocks (train) | | {rep['blocks']['train']['bytes_per_token']:.1f} | {rep['blocks']['train']['tokens']:,} |")
+    else:  # online: only the held-out part was stored
+        m.append("| (online: nothing stored for the training text) | | | |")
+    if rep.get("online"):
+        m += ["", "## Online training: where each run's time went", "",
+              "Candidates and alignment run on the prefetch thread while the previous micro-batch trains; "
+              "`waited for data` is what training waited for them.", "",
+              "| run | steps (s) | waited for data (s) | candidates (s) | alignment (s) |", "|---|---:|---:|---:|---:|"]
+        for run, t in rep["online"].items():
+            m.append(f"| {run} | {t.get('step_s', 0):.1f} | {t.get('data_s', 0):.1f} | {t.get('candidates_s', 0):.1f} | "
+                     f"{t.get('align_s', 0):.1f} |")
     m += ["", "## Time per stage", "",
           "Groups (`[...]`) ran their stages on the worker pool; their wall time is what the run waited, the stages' "
           "own seconds overlap.", "", "| stage | seconds | this run |", "|---|---:|---|"]
@@ -284,11 +298,18 @@ def write_report(root: Path, *, cfg: Any, corpus: dict[str, Any], models: dict[s
         size = sum(s.size_bytes for s in st.shards)
         stores[key if part != "train" else name] = {"tokens": st.num_tokens, "bytes": size,
                                                     "bytes_per_token": size / max(1, st.num_tokens)}
-    bstore = BlockStore(root / "blocks" / "train", verify=False)
     short = {str(root / "models" / n): n for n in models}
-    candidates = [short.get(c["name"], Path(c["name"]).name) for c in bstore.candidates]
-    bbytes = sum(s.size_bytes for s in bstore.shards)
-    btokens = int(bstore.manifest["counts"]["tokens"])
+    online = bool(getattr(cfg, "online", False))
+    if online:  # no training blocks on disk: the candidates ran inside training
+        candidates = list(models)
+        fusion_runs = [r for r in runs if r["mode"] == "fusion" and r["online"].get("aligned_fraction")]
+        aligned = {n: {"aligned_fraction": sum(r["online"]["aligned_fraction"][n] for r in fusion_runs) / len(fusion_runs)}
+                   for n in (fusion_runs[0]["online"]["aligned_fraction"] if fusion_runs else {})}
+    else:
+        bstore = BlockStore(root / "blocks" / "train", verify=False)
+        candidates = [short.get(c["name"], Path(c["name"]).name) for c in bstore.candidates]
+        bbytes = sum(s.size_bytes for s in bstore.shards)
+        btokens = int(bstore.manifest["counts"]["tokens"])
 
     scores = {r["name"]: r["heldout"] for r in runs}
     clm = [r["name"] for r in runs if r["mode"] == "clm"]
@@ -332,7 +353,10 @@ def write_report(root: Path, *, cfg: Any, corpus: dict[str, Any], models: dict[s
         "wall_seconds": wall_seconds, "bytes_written": bytes_written, "bytes_total": bytes_total,
         "files": {"json": str(out / "report.json"), "markdown": str(out / "report.md"), "curves": str(out / "curves.png")},
     }
-    rep["blocks"]["train"]["bytes_per_token"] = bbytes / max(1, btokens)
+    if online:
+        rep["online"] = {r["name"]: r["online"] for r in runs}
+    else:
+        rep["blocks"]["train"]["bytes_per_token"] = bbytes / max(1, btokens)
     rep["notes"] = _notes(v, rep)
     _plot(rep, runs, out / "curves.png")
     (out / "report.json").write_text(json.dumps(rep, indent=2) + "\n")

@@ -25,9 +25,11 @@ Whole documents. A candidate needs a whole document (its context, its per-docume
 score), but a document may straddle two blocks that train at different steps. The records
 of a document are computed when the first block holding it is built and kept until every
 block holding it has been built in this epoch (a count per document), then dropped. The
-sampler shuffles blocks within windows of `window × blocks_per_shard` blocks, so at most
-about that many straddling documents are held at once (one per block boundary); documents
-are not re-packed to avoid straddling, because the blocks must equal `fusellm assemble`'s.
+sampler shuffles blocks within windows of `--shuffle-window` (4) shards of 512 blocks, so
+at most about 2048 straddling documents are held at once (one per block boundary; a 2048-row
+llama2-7b block's document records are ~45 B/token per candidate: ~0.4 GB for three
+candidates at worst); documents are not re-packed to avoid straddling, because the blocks
+must equal `fusellm assemble`'s.
 Documents whose logits turn out non-finite cannot be left out before packing as assemble
 does (nothing has run yet): their rows keep the target's CE and get no teacher.
 """
@@ -227,11 +229,12 @@ class OnlineBlocks:
 
     teachers: [frozen target (a `LiveTeacher`), source, ...] (`LiveTeacher` or `StoredTeacher`);
     aligners: one per source.
-    blocks_per_shard: blocks grouped into virtual shards for the sampler's shard-local shuffle.
+    blocks_per_shard: blocks grouped into virtual shards for the sampler's shard-local shuffle;
+    512, `fusellm assemble`'s default, makes the sampler visit blocks in the offline order.
     """
 
     def __init__(self, corpus: CorpusTexts, teachers: list[Any], aligners: list[DocumentAligner], *,
-                 block_len: int, score: str = "per_byte", labels: str = "document", blocks_per_shard: int = 64) -> None:
+                 block_len: int, score: str = "per_byte", labels: str = "document", blocks_per_shard: int = 512) -> None:
         if len(aligners) != len(teachers) - 1:
             raise ValueError("one aligner per source candidate")
         self.corpus, self.teachers, self.aligners = corpus, teachers, aligners
@@ -350,7 +353,7 @@ class OnlineBlocks:
 def open_online(corpus_path: str, target_model: str, candidates: Sequence[str], *, block_len: int, top_k: int,
                 score: str, labels: str = "document", device: torch.device, cache_dir: Path,
                 teacher_options: dict[str, Any] | None = None, aligner_options: dict[str, Any] | None = None,
-                blocks_per_shard: int = 64) -> OnlineBlocks:
+                blocks_per_shard: int = 512) -> OnlineBlocks:
     """Load the corpus, the frozen target copy and every candidate (a model folder, run
     live, or a teacher store of the corpus, read), check what can be checked before the
     first step, and pack the blocks."""
