@@ -177,7 +177,16 @@ def test_cli_online_runs_and_refuses_bad_flags(capsys, tmp_path, tiny_corpus, ti
     (step,) = [r for r in read_metrics(tmp_path / "ok" / "metrics.jsonl") if "loss" in r]
     assert step["candidates_s"] > 0 and step["align_s"] > 0 and step["data_s"] >= 0 and step["held_documents"] >= 0
     assert 0.0 < step["aligned_fraction"]["gpt2"] <= 1.0 and set(step["wins"]) == {"llama", "gpt2"}
+    import shutil
+
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    seq2seq = tmp_path / "t5"  # not a causal LM: refused before the first step
+    T5ForConditionalGeneration(T5Config(vocab_size=512, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)).save_pretrained(seq2seq)
+    for f in Path(tiny_llama).glob("*token*"):
+        shutil.copy(f, seq2seq / f.name)
     for extra, named in (([], "--candidate"),  # fusion online needs a source
+                         (["--candidate", str(seq2seq)], "is not a causal language model"),
                          (["--candidate", str(tmp_path / "nowhere")], f"--candidate {tmp_path / 'nowhere'} does not exist"),
                          (["--candidate", str(tiny_gpt2), "--data", str(tmp_path)], "--data"),
                          (["--candidate", str(tiny_gpt2), "--eval-holdout", "1"], "--eval-holdout"),
@@ -216,3 +225,26 @@ def test_online_two_ranks_equal_one_process(tmp_path, tiny_corpus, tiny_llama, t
         assert a["tokens"] == b["tokens"] and a["wins"] == b["wins"]
         for key in ("loss", "ce", "fusion", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=2e-5, abs=1e-6), (a["step"], key)
+
+
+def test_cli_names_the_marker_flags_when_conventions_cannot_be_detected(capsys, tmp_path, tiny_corpus, tiny_llama,
+                                                                        tiny_gpt2, monkeypatch):
+    import fusellm_kernels.align as align
+
+    real = align.detect_conventions
+
+    def undetectable(tokenizer, marker=None, **kw):  # detection fails for the source's (Metaspace) tokenizer
+        if marker is None and any(t.startswith("▁") for t in tokenizer.get_vocab()):
+            raise align.ConventionError("tokenizer 'x': its tokens show neither a word-start marker nor a continuation prefix")
+        return real(tokenizer, marker=marker, **kw)
+
+    monkeypatch.setattr(align, "detect_conventions", undetectable)
+    argv = ["train", "--online", "--preset", "tiny", "--model", str(tiny_llama), "--corpus", str(tiny_corpus),
+            "--candidate", str(tiny_gpt2), "--seq-len", str(BLOCK_LEN), "--global-batch", "2", "--max-steps", "1",
+            "--no-export", "--no-plot", "--no-progress", "--output", str(tmp_path / "run")]
+    rc, err = _cli(capsys, argv)
+    assert rc == 2 and "--source-marker" in err and "Traceback" not in err, err
+    rc, err = _cli(capsys, [*argv, "--source-marker", "▁"])  # the candidate's marker given by hand: it trains
+    assert rc == 0, err
+    rc, err = _cli(capsys, [*argv[:-1], str(tmp_path / "other"), "--source-marker", "▁", "--source-marker", "▁"])
+    assert rc == 2 and "one per --candidate" in err, err

@@ -48,6 +48,10 @@ class TrainConfig:
     candidate: tuple[str, ...] = _opt((), "--online: a source model's local transformers folder with its tokenizer; "
                                           "repeat the flag for each source, in candidate order", metadata_repeat=True)
     score: str = _opt("per_byte", "--online: a document's CE score, as `fusellm assemble --score` (per_byte or reference)")
+    source_marker: tuple[str, ...] = _opt((), "--online: a source tokenizer's word-start marker when detection fails, one per "
+                                              "--candidate in order ('' detects), as `fusellm align --source-marker`",
+                                          metadata_repeat=True)
+    target_marker: str = _opt("", "--online: the target tokenizer's word-start marker when detection fails ('' detects)")
     # --- objective
     mode: Mode = _opt("fusion", "fusion: λ·CE + (1 − λ)·divergence to the fused teacher; clm: CE only, same data and steps")
     strategy: str = _opt("min_ce", f"candidate weighting, one of {STRATEGIES}")
@@ -112,8 +116,11 @@ class TrainConfig:
                 raise bad("candidate", "--online fusion needs at least one --candidate (a source model folder)")
             if self.eval_holdout:
                 raise bad("eval_holdout", "--online evaluates on --eval-data (held-out blocks assembled offline) only")
-        elif self.candidate or self.corpus:
-            raise bad("candidate" if self.candidate else "corpus", "is read only with --online")
+            if self.source_marker and len(self.source_marker) != len(self.candidate):
+                raise bad("source_marker", f"give one per --candidate ({len(self.candidate)}, '' to detect), in order")
+        elif self.candidate or self.corpus or self.source_marker or self.target_marker:
+            name = next(n for n in ("candidate", "corpus", "source_marker", "target_marker") if getattr(self, n))
+            raise bad(name, "is read only with --online")
         if self.score not in ("per_byte", "reference"):
             raise bad("score", "choose one of ('per_byte', 'reference')")
         for name, allowed in (("strategy", STRATEGIES), ("divergence", DIVERGENCES), ("mode", get_args(Mode)),
@@ -157,6 +164,7 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["source_weights"] = list(self.source_weights)
         d["candidate"] = list(self.candidate)
+        d["source_marker"] = list(self.source_marker)
         return d
 
     @staticmethod
@@ -168,6 +176,7 @@ class TrainConfig:
         obj = dict(obj)
         obj["source_weights"] = tuple(obj.get("source_weights", ()))
         obj["candidate"] = tuple(obj.get("candidate", ()))
+        obj["source_marker"] = tuple(obj.get("source_marker", ()))
         return TrainConfig(**obj)
 
     def save(self, path: str | Path) -> None:
@@ -190,7 +199,7 @@ RESUME_MUST_MATCH: tuple[str, ...] = (
     "model", "data", "mode", "strategy", "weighting", "lam", "temperature", "ce_temperature", "divergence",
     "source_weights", "top_k", "shuffle_window", "seq_len", "global_batch", "epochs", "max_steps", "lr", "min_lr_ratio",
     "warmup_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "seed", "attention", "eval_holdout",
-    "fusion_rows", "online", "corpus", "candidate", "score",
+    "fusion_rows", "online", "corpus", "candidate", "score", "source_marker", "target_marker",
 )
 
 
@@ -247,7 +256,7 @@ def add_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> Non
 
 def from_args(a: argparse.Namespace) -> TrainConfig:
     given = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
-    for name in ("source_weights", "candidate"):
+    for name in ("source_weights", "candidate", "source_marker"):
         if name in given:
             given[name] = tuple(given[name])
     return preset(a.preset, **given) if a.preset else TrainConfig(**given)

@@ -195,9 +195,16 @@ def is_teacher_store(path: str) -> bool:
 
 def cached_vocab_map(cache_dir: Path, aligner_kwargs: dict[str, Any], target_tok: Any, source_tok: Any,
                      target_fp: str, source_fp: str) -> DocumentAligner:
-    """A `DocumentAligner` whose vocabulary map is computed once per pair of tokenizers (and
-    options) and kept under `cache_dir/<source fp>-<target fp>-<vocab_align>/` with its hash."""
-    folder = cache_dir / f"{source_fp[:16]}-{target_fp[:16]}-{aligner_kwargs.get('vocab_align', 'soft')}"
+    """A `DocumentAligner` whose vocabulary map is computed once per pair of tokenizers and
+    the options it depends on, and kept under `cache_dir/<source fp>-<target fp>-<options>/`
+    with its hash (a resumed or second run reuses it)."""
+    import hashlib
+    import json
+
+    keyed = {k: aligner_kwargs.get(k) for k in ("vocab_align", "source_marker", "target_marker", "source_logits_size",
+                                                "target_logits_size")}
+    options = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache_dir / f"{source_fp[:16]}-{target_fp[:16]}-{options}"
     vm = load_vocab_map(folder) if (folder / "vocab_map.pt").exists() else None
     aligner = DocumentAligner(target_tok, source_tok, vocab_map=vm, **aligner_kwargs)
     if vm is None:
@@ -353,6 +360,7 @@ class OnlineBlocks:
 def open_online(corpus_path: str, target_model: str, candidates: Sequence[str], *, block_len: int, top_k: int,
                 score: str, labels: str = "document", device: torch.device, cache_dir: Path,
                 teacher_options: dict[str, Any] | None = None, aligner_options: dict[str, Any] | None = None,
+                source_markers: Sequence[str | None] | None = None, target_marker: str | None = None,
                 blocks_per_shard: int = 512) -> OnlineBlocks:
     """Load the corpus, the frozen target copy and every candidate (a model folder, run
     live, or a teacher store of the corpus, read), check what can be checked before the
@@ -370,11 +378,19 @@ def open_online(corpus_path: str, target_model: str, candidates: Sequence[str], 
                             else LiveTeacher(replace(base, model=path), corpus, device))
         except TeacherPassError as e:  # the teacher pass names its own flag
             raise TeacherPassError(str(e).replace("--model", "--candidate")) from None
+    from fusellm_kernels.align import ConventionError
+
     target = teachers[0]
+    markers = list(source_markers or [None] * len(candidates))
     aligners = []
-    for t in teachers[1:]:
-        aligners.append(cached_vocab_map(
-            cache_dir, dict(target_logits_size=target.logits_size, source_logits_size=t.logits_size, **(aligner_options or {})),
-            target.tokenizer, t.tokenizer, target.tokenizer_fingerprint, t.tokenizer_fingerprint))
+    for t, path, marker in zip(teachers[1:], candidates, markers):
+        options = dict(target_logits_size=target.logits_size, source_logits_size=t.logits_size,
+                       source_marker=marker or None, target_marker=target_marker or None, **(aligner_options or {}))
+        try:
+            aligners.append(cached_vocab_map(cache_dir, options, target.tokenizer, t.tokenizer, target.tokenizer_fingerprint,
+                                             t.tokenizer_fingerprint))
+        except ConventionError as e:  # name the flags that set the markers by hand
+            raise ConventionError(f"--candidate {path} against --model {target_model}: {e}; set the word-start markers "
+                                  "with --source-marker (one per --candidate) or --target-marker") from None
     return OnlineBlocks(corpus, teachers, aligners, block_len=block_len, score=score, labels=labels,
                         blocks_per_shard=blocks_per_shard)

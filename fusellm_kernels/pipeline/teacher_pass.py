@@ -408,6 +408,9 @@ def load_model(cfg: TeacherConfig, mconf: Any, rt: _Runtime, n_tok: int) -> tupl
         model = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=True, dtype=rt.dtype, config=mconf)
     except OSError as e:  # a weight file that went missing or unreadable since _check_weights
         raise TeacherPassError(f"--model {cfg.model}: its weights could not be loaded ({e})") from None
+    except ValueError as e:  # transformers: "Unrecognized configuration class ... for AutoModelForCausalLM"
+        raise TeacherPassError(f"--model {cfg.model} is not a causal language model transformers can load "
+                               f"({str(e).splitlines()[0][:300]}); give a decoder-only model") from None
     model.to(rt.device).eval()
     out_emb = model.get_output_embeddings()
     logits_size = int(out_emb.weight.shape[0]) if out_emb is not None else int(_config_vocab(mconf) or 0)
