@@ -208,7 +208,7 @@ def test_online_two_ranks_equal_one_process(tmp_path, tiny_corpus, tiny_llama, t
 
     common = dict(model=str(tiny_llama), online=True, corpus=str(tiny_corpus), candidate=(str(tiny_gpt2),), top_k=TOP_K,
                   strategy="min_ce", weighting="token")
-    single = _train(tmp_path, "single", **common)
+    single = _train(tmp_path, "single", align_workers=1, **common)  # and the alignment in a worker process
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "two"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "training.train",

@@ -52,6 +52,8 @@ class TrainConfig:
                                               "--candidate in order ('' detects), as `fusellm align --source-marker`",
                                           metadata_repeat=True)
     target_marker: str = _opt("", "--online: the target tokenizer's word-start marker when detection fails ('' detects)")
+    align_workers: int = _opt(0, "--online: processes per rank aligning documents (0: on the prefetch thread, which "
+                                 "then competes for the GIL with the training loop)")
     # --- objective
     mode: Mode = _opt("fusion", "fusion: λ·CE + (1 − λ)·divergence to the fused teacher; clm: CE only, same data and steps")
     strategy: str = _opt("min_ce", f"candidate weighting, one of {STRATEGIES}")
@@ -118,8 +120,8 @@ class TrainConfig:
                 raise bad("eval_holdout", "--online evaluates on --eval-data (held-out blocks assembled offline) only")
             if self.source_marker and len(self.source_marker) != len(self.candidate):
                 raise bad("source_marker", f"give one per --candidate ({len(self.candidate)}, '' to detect), in order")
-        elif self.candidate or self.corpus or self.source_marker or self.target_marker:
-            name = next(n for n in ("candidate", "corpus", "source_marker", "target_marker") if getattr(self, n))
+        elif self.candidate or self.corpus or self.source_marker or self.target_marker or self.align_workers:
+            name = next(n for n in ("candidate", "corpus", "source_marker", "target_marker", "align_workers") if getattr(self, n))
             raise bad(name, "is read only with --online")
         if self.score not in ("per_byte", "reference"):
             raise bad("score", "choose one of ('per_byte', 'reference')")
@@ -134,7 +136,7 @@ class TrainConfig:
         for name in ("seq_len", "micro_batch", "global_batch", "epochs", "log_every", "keep_checkpoints", "shuffle_window"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be at least 1")
-        for name in ("max_steps", "eval_every", "eval_batches", "checkpoint_every", "eval_holdout", "top_k"):
+        for name in ("max_steps", "eval_every", "eval_batches", "checkpoint_every", "eval_holdout", "top_k", "align_workers"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be 0 or more")
         if self.global_batch % (self.micro_batch * world_size):

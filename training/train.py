@@ -243,6 +243,8 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == steps_total:
                 last_saved = save_checkpoint(ckpt_root, state, cfg.keep_checkpoints)
     progress.close()
+    if cfg.online:
+        data.blocks.close()  # the alignment workers
 
     # 5. Export and curves.
     export_dir = export_model(model, cfg.model, out / "export", d) if cfg.export else None

@@ -131,18 +131,21 @@ class DocumentAligner:
 
     def align(self, trec: TeacherRecord, srec: TeacherRecord) -> DocAlignment:
         """The position map of the document both records hold (the caller pairs them)."""
+        return self.align_ids(trec.doc_id, trec.input_ids.tolist(), srec.input_ids.tolist())
+
+    def align_ids(self, doc_id: int, target_ids: list[int], source_ids: list[int]) -> DocAlignment:
+        """The same from the two token id lists alone (what a worker process is sent)."""
         from fusellm_kernels.align import position_map
 
-        target_ids = trec.input_ids.tolist()
         pm = position_map(
-            self.source_tok.convert_ids_to_tokens(srec.input_ids.tolist()),
+            self.source_tok.convert_ids_to_tokens(source_ids),
             self.target_tok.convert_ids_to_tokens(target_ids), target_ids,
             source_marker=self.source_conv.marker, target_marker=self.target_conv.marker,
             vocab_align=self.vocab_align, soft_lookup=self.lookup, fallback=self.fallback,
             reference=self.reference, source_is_byte_level=self.source_conv.byte_level,
             normalization=self.normalization, source_conventions=self.source_conv, target_conventions=self.target_conv,
         )
-        return DocAlignment(trec.doc_id, torch.from_numpy(pm.source_pos), torch.from_numpy(pm.fallback_id))
+        return DocAlignment(doc_id, torch.from_numpy(pm.source_pos), torch.from_numpy(pm.fallback_id))
 
 
 class _Aligner:

@@ -107,7 +107,8 @@ class LiveTeacher:
         self.k = cfg.top_k
         self.encoding = cfg.encoding()
         self.fingerprint = model_fingerprint(cfg.model)
-        self.tokenizer_fingerprint = tokenizer_fingerprint(cfg.tokenizer or cfg.model)
+        self.tokenizer_path = cfg.tokenizer or cfg.model
+        self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer_path)
         self._runner: _ShardRunner | None = None
         if load:
             self.load()
@@ -167,6 +168,7 @@ class StoredTeacher:
             raise StoreError(f"--candidate {path}: this teacher store was made from another corpus than --corpus {corpus.path}")
         self.root, self.k = self.store.root, self.store.k
         self.tokenizer = _tokenizer(self.store)  # refused if its files changed since the store was made
+        self.tokenizer_path = str(self.store.path_of("tokenizer"))
         self.logits_size = int(self.store.manifest["model"]["logits_size"])
         self.fingerprint = str(self.store.manifest["model"]["fingerprint"])
         self.tokenizer_fingerprint = str(self.store.tokenizer_fingerprint)
@@ -210,7 +212,32 @@ def cached_vocab_map(cache_dir: Path, aligner_kwargs: dict[str, Any], target_tok
     if vm is None:
         folder.mkdir(parents=True, exist_ok=True)
         save_vocab_map(folder, aligner.vocab_map)
+    aligner.cache_folder = folder  # type: ignore[attr-defined]  # where worker processes read the map
+    aligner.options = dict(aligner_kwargs)  # type: ignore[attr-defined]
     return aligner
+
+
+# --- alignment in worker processes -----------------------------------------------------------
+# The exact MinED alignment is Python and CPU-bound: on the prefetch thread it would hold the
+# GIL against the training loop's own Python. Worker processes (spawned: a CUDA parent cannot
+# fork) each build the aligners once, from the tokenizers' paths and the cached vocab maps.
+
+_WORKER_ALIGNERS: list[DocumentAligner] = []
+
+
+def _init_align_worker(specs: list[tuple[str, str, dict[str, Any], str]]) -> None:
+    from fusellm_kernels.pipeline.corpus import load_tokenizer
+
+    torch.set_num_threads(1)
+    _WORKER_ALIGNERS.clear()
+    for target_path, source_path, options, folder in specs:
+        _WORKER_ALIGNERS.append(DocumentAligner(load_tokenizer(target_path), load_tokenizer(source_path),
+                                                vocab_map=load_vocab_map(Path(folder)), **options))
+
+
+def _align_in_worker(job: tuple[int, list[int], list[list[int]]]) -> list[DocAlignment]:
+    doc_id, target_ids, source_ids = job
+    return [al.align_ids(doc_id, target_ids, ids) for al, ids in zip(_WORKER_ALIGNERS, source_ids)]
 
 
 @dataclass
@@ -241,7 +268,8 @@ class OnlineBlocks:
     """
 
     def __init__(self, corpus: CorpusTexts, teachers: list[Any], aligners: list[DocumentAligner], *,
-                 block_len: int, score: str = "per_byte", labels: str = "document", blocks_per_shard: int = 512) -> None:
+                 block_len: int, score: str = "per_byte", labels: str = "document", blocks_per_shard: int = 512,
+                 align_workers: int = 0) -> None:
         if len(aligners) != len(teachers) - 1:
             raise ValueError("one aligner per source candidate")
         self.corpus, self.teachers, self.aligners = corpus, teachers, aligners
@@ -270,6 +298,21 @@ class OnlineBlocks:
         self.vocab_maps: list[torch.Tensor | None] = [None] + [al.vocab_map for al in aligners]
         self.names = [t.root.name or str(t.root) for t in teachers]
         assert len(self.stores) == s_count
+        self._pool = None
+        if align_workers > 0 and aligners:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            specs = [(teachers[0].tokenizer_path, t.tokenizer_path, al.options, str(al.cache_folder))  # type: ignore[attr-defined]
+                     for t, al in zip(teachers[1:], aligners)]
+            self._pool = ProcessPoolExecutor(align_workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_align_worker, initargs=(specs,))
+
+    def close(self) -> None:
+        """Stop the alignment workers (if any)."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
     def _count_labels(self, pieces: list[Any]) -> int:
         rows = sum(pc.stop - pc.start for pc in pieces)
@@ -299,6 +342,11 @@ class OnlineBlocks:
             else:
                 per_model = [t.records(want) for t in self.teachers]
             t1 = time.perf_counter()
+            if self._pool is not None and len(self.teachers) > 1:
+                jobs = [(d, per_model[0][d].input_ids.tolist(), [m[d].input_ids.tolist() for m in per_model[1:]]) for d in want]
+                aligned = dict(zip(want, self._pool.map(_align_in_worker, jobs, chunksize=max(1, len(jobs) // 8))))
+            else:
+                aligned = {}
             for d in want:
                 recs = [m[d] for m in per_model]
                 for t, r in zip(self.teachers[1:], recs[1:]):
@@ -306,8 +354,8 @@ class OnlineBlocks:
                         raise StoreError(f"document {d} holds another text in {t.root} than in --corpus {self.corpus.path}")
                 bad = any(r.flags & DocFlag.NONFINITE for r in recs)
                 maps = []
-                for al, src in zip(self.aligners, recs[1:]):
-                    m = al.align(recs[0], src)
+                for s, (al, src) in enumerate(zip(self.aligners, recs[1:])):
+                    m = aligned[d][s] if d in aligned else al.align(recs[0], src)
                     if bad:  # no teacher from a candidate whose pass was not finite (see the module docstring)
                         m = DocAlignment(d, torch.full_like(m.source_pos, -1), torch.full_like(m.fallback_id, -1))
                     maps.append(m)
@@ -361,7 +409,7 @@ def open_online(corpus_path: str, target_model: str, candidates: Sequence[str], 
                 score: str, labels: str = "document", device: torch.device, cache_dir: Path,
                 teacher_options: dict[str, Any] | None = None, aligner_options: dict[str, Any] | None = None,
                 source_markers: Sequence[str | None] | None = None, target_marker: str | None = None,
-                blocks_per_shard: int = 512) -> OnlineBlocks:
+                blocks_per_shard: int = 512, align_workers: int = 0) -> OnlineBlocks:
     """Load the corpus, the frozen target copy and every candidate (a model folder, run
     live, or a teacher store of the corpus, read), check what can be checked before the
     first step, and pack the blocks."""
@@ -393,4 +441,4 @@ def open_online(corpus_path: str, target_model: str, candidates: Sequence[str], 
             raise ConventionError(f"--candidate {path} against --model {target_model}: {e}; set the word-start markers "
                                   "with --source-marker (one per --candidate) or --target-marker") from None
     return OnlineBlocks(corpus, teachers, aligners, block_len=block_len, score=score, labels=labels,
-                        blocks_per_shard=blocks_per_shard)
+                        blocks_per_shard=blocks_per_shard, align_workers=align_workers)
