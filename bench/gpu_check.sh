@@ -8,16 +8,17 @@
 # Budget: at most 6 minutes in all (every step has its own timeout; LIMIT below holds them
 # and the script refuses to start if they sum to more than 360 s), so that a 10-minute device
 # call leaves time for a rerun. The split:
-#   env 10 s; compile 70 s (every kernel variant compiled ahead of time with ptxas for sm_80
-#   and sm_90 in 16 processes: CPU work, the machine has 16 cores; ~1200 binaries, ~450 CPU-s
-#   of ptxas on a 2-core dev machine, so ~30-60 s expected; exits 1 on any spill; the report is
-#   only written at the end); CUDA tests 65 s (every Triton op forward + backward with no
-#   host sync); flash-attn varlen 15 s (~3 s when flash-attn does not import: skipped,
-#   passes); fusion loss on logits 80 s; programs-per-SM sweep 30 s (fused only, N 8192,
-#   V 128256, S 3, bf16, P in 1 2 3 4 (at 16 warps an SM holds at most 4), 100 ms timing window); fused lm_head + loss 35 s
-#   (S in {2, 4} only and a 200 ms timing window per provider; chunk sizes auto/1024/2048
-#   swept; ~30 s expected); training step fusion vs CLM-only 40 s (8-layer Llama, 4 timed
-#   steps per mode); plots 15 s = 360 s.
+#   env 10 s; compile 60 s (every kernel variant compiled ahead of time with ptxas for sm_80
+#   and sm_90 in 16 processes: CPU work, the machine has 16 cores; ~1200 binaries, ~350 CPU-s
+#   of ptxas on the 2-core dev machine, so ~25-45 s expected; exits 1 on any spill; the report
+#   is only written at the end); CUDA tests 60 s (every Triton op forward + backward with no
+#   host sync); flash-attn varlen 15 s (skipped and passing when flash-attn does not import);
+#   fusion loss on logits 70 s; programs-per-SM sweep 25 s (fused only, N 8192, V 128256, S 3,
+#   bf16, P in 1 2 3 4 (at 16 warps an SM holds at most 4), 100 ms timing window); fused
+#   lm_head + loss 30 s (S in {2, 4} only, a 200 ms timing window per provider, chunk sizes
+#   auto/1024/2048); training step fusion vs CLM-only 35 s (8-layer Llama, 4 timed steps per
+#   mode); online vs offline fusion 45 s (~0.9B target, 5 timed steps per provider; skipped
+#   and passing without datasets and rapidfuzz); plots 10 s = 360 s.
 # No GPU run has measured these steps yet: after the first one, rebalance from the
 # "=== name: rc=.. after ..s" lines of its log.
 # A failing or timed-out step does not stop the later ones (the benchmark's numbers are
@@ -37,8 +38,8 @@ DEVICE=${DEVICE:-cuda}
 read -r -a BENCH_ARGS <<<"${BENCH_ARGS:-}"
 
 # Each step's time limit in seconds; the sum is the script's worst case.
-declare -A LIMIT=([env]=10 [compile]=70 [tests]=65 [flash_varlen]=15 [bench_fusion_loss]=80 [bench_pps_sweep]=30
-                  [bench_fused_linear]=35 [bench_train_step]=40 [plot]=15)
+declare -A LIMIT=([env]=10 [compile]=60 [tests]=60 [flash_varlen]=15 [bench_fusion_loss]=70 [bench_pps_sweep]=25
+                  [bench_fused_linear]=30 [bench_train_step]=35 [bench_online]=45 [plot]=10)
 BUDGET_S=360
 total=0
 for s in "${LIMIT[@]}"; do total=$((total + s)); done
@@ -94,6 +95,15 @@ main() {
         --candidates 2 4 --chunk-rows 0 1024 2048 --rep-ms 200 "${BENCH_ARGS[@]}"
     step bench_train_step "$PY" -m bench.bench_train_step --device "$DEVICE" --out "$RES" \
         $([ -z "${BENCH_ARGS[*]}" ] && echo --steps 4) "${BENCH_ARGS[@]}"
+    # online fusion: a ~0.9B Llama target, two ~0.5B sources of other tokenizer families, sequence 2048,
+    # alignment in 2 worker processes; the prepared corpus needs `datasets` and the vocabulary map
+    # `rapidfuzz`, which the GPU machines lack: the step says so and passes unless both import (carry
+    # their wheels, ../.library/device/README.md, to run it)
+    step bench_online bash -c 'if ! err=$("$0" -c "import datasets, rapidfuzz" 2>&1); then
+            echo "online bench skipped: $(printf "%s" "$err" | tail -n 1) (carry the datasets and rapidfuzz wheels)"
+            exit 0
+        fi
+        exec "$0" -m bench.bench_online --device "$1" --out "$2" ${3:+--quick}' "$PY" "$DEVICE" "$RES" "${BENCH_ARGS[*]:+quick}"
     # every results file in one process (torch and matplotlib imported once); a missing or
     # broken file fails the step but does not stop the others from being plotted
     step plot "$PY" -c '

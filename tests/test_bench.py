@@ -172,3 +172,16 @@ def test_cpu_profile_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "ours, CE only" in out and "weight gradient" in out and "native's extra" in out
     with pytest.raises(SystemExit):
         profile_cpu_fused_linear.main(["--reps", "0"])
+
+
+def test_bench_online_quick(tmp_path: Path) -> None:
+    from bench import bench_online
+
+    assert bench_online.main(["--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    records = read_jsonl(tmp_path / "online_fusion.jsonl")
+    assert [r.provider for r in records] == ["offline", "online", "online_w1"]
+    off = records[0].extra
+    assert off["prepare_s"] > 0 and off["corpus_tokens"] > 0 and off["offline_total_s_per_token"] > 0
+    for r in records[1:]:
+        assert r.median_ms > 0 and r.extra["candidates_s"] > 0 and 0.0 <= r.extra["hidden_share"] <= 1.0
+        assert 0.0 < r.extra["aligned_fraction"]["gpt2"] <= 1.0
