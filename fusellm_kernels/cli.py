@@ -340,7 +340,9 @@ register_stage(Stage(
     "Train the target model on assembled blocks: lambda * CE + (1 - lambda) * divergence to the fused\n"
     "teacher (or CE only with --mode clm), FSDP2 under torchrun, resumable DCP checkpoints, held-out\n"
     "perplexity, a transformers export. Every option of training/config.py is a flag; --preset first.\n"
-    "  torchrun --standalone --nproc-per-node 8 -m fusellm_kernels.cli train --preset llama2-7b ...",
+    "  torchrun --standalone --nproc-per-node 8 -m fusellm_kernels.cli train --preset llama2-7b ...\n"
+    "Online (no teacher store, align or assemble): --online --corpus DIR --candidate PATH [--candidate PATH ...]\n"
+    "runs the candidates inside training (a PATH may also be a teacher store of the corpus).",
     _train_args, _train_run,
 ))
 register_stage(Stage(

@@ -80,7 +80,7 @@ class CorpusTexts:
 
     def texts(self, doc_ids: Sequence[int]) -> tuple[list[str], list[int]]:
         rows = [self._row[d] for d in doc_ids]
-        return [self.ds[r]["text"] for r in rows], [self.hashes[r] for r in rows]
+        return list(self.ds[rows]["text"]) if rows else [], [self.hashes[r] for r in rows]
 
 
 class LiveTeacher:
