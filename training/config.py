@@ -29,7 +29,8 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the flag to change."""
 
 
-def _opt(default: Any, help: str, metadata_repeat: bool = False, **kw: Any) -> Any:
+def _opt(default: Any, help: str, metadata_repeat: str = "", **kw: Any) -> Any:
+    """A field and its flag; metadata_repeat names the value of a flag given once per item (e.g. PATH)."""
     return field(default=default, metadata={"help": help, "repeat": metadata_repeat}, **kw)
 
 
@@ -46,11 +47,11 @@ class TrainConfig:
                                "packs them; candidate 0 is a frozen copy of --model, each --candidate follows")
     corpus: str = _opt("", "--online: the prepared corpus (`fusellm prepare`) to pack the target's blocks from")
     candidate: tuple[str, ...] = _opt((), "--online: a source model's local transformers folder with its tokenizer; "
-                                          "repeat the flag for each source, in candidate order", metadata_repeat=True)
+                                          "repeat the flag for each source, in candidate order", metadata_repeat="PATH")
     score: str = _opt("per_byte", "--online: a document's CE score, as `fusellm assemble --score` (per_byte or reference)")
     source_marker: tuple[str, ...] = _opt((), "--online: a source tokenizer's word-start marker when detection fails, one per "
                                               "--candidate in order ('' detects), as `fusellm align --source-marker`",
-                                          metadata_repeat=True)
+                                          metadata_repeat="MARKER")
     target_marker: str = _opt("", "--online: the target tokenizer's word-start marker when detection fails ('' detects)")
     align_workers: int = _opt(0, "--online: processes per rank aligning documents (0: on the prefetch thread, which "
                                  "then competes for the GIL with the training loop)")
@@ -249,7 +250,7 @@ def add_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> Non
         if isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif f.metadata.get("repeat"):
-            p.add_argument(flag, action="append", metavar="PATH", default=argparse.SUPPRESS, help=help_text)
+            p.add_argument(flag, action="append", metavar=f.metadata["repeat"], default=argparse.SUPPRESS, help=help_text)
         elif isinstance(f.default, tuple):
             p.add_argument(flag, type=float, nargs="+", default=argparse.SUPPRESS, help=help_text)
         else:
