@@ -199,7 +199,9 @@ def test_cli_online_runs_and_refuses_bad_flags(capsys, tmp_path, tiny_corpus, ti
 
 
 def test_online_two_ranks_equal_one_process(tmp_path, tiny_corpus, tiny_llama, tiny_gpt2):
-    """2 CPU ranks (gloo, torchrun), each running the candidates on its share of the blocks."""
+    """2 CPU ranks (gloo, torchrun), each running the candidates on its share of the blocks, the
+    candidates sharded across the two (FSDP2, `--candidate-sharding shard`), against one
+    process holding them whole with the alignment in a worker process."""
     import os
     import subprocess
     import sys
@@ -215,7 +217,7 @@ def test_online_two_ranks_equal_one_process(tmp_path, tiny_corpus, tiny_llama, t
            "--preset", "tiny", "--online", "--model", str(tiny_llama), "--corpus", str(tiny_corpus), "--candidate", str(tiny_gpt2),
            "--top-k", str(TOP_K), "--strategy", "min_ce", "--weighting", "token", "--seq-len", str(BLOCK_LEN),
            "--global-batch", "2", "--max-steps", "3", "--no-plot", "--no-export", "--checkpoint-every", "0",
-           "--output", str(out)]
+           "--candidate-sharding", "shard", "--output", str(out)]
     env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -53,6 +53,8 @@ class TrainConfig:
                                               "--candidate in order ('' detects), as `fusellm align --source-marker`",
                                           metadata_repeat="MARKER")
     target_marker: str = _opt("", "--online: the target tokenizer's word-start marker when detection fails ('' detects)")
+    candidate_sharding: str = _opt("replicate", "--online: replicate (every rank holds every candidate whole) or shard "
+                                                "(FSDP2 across the ranks, like the target: ~1/ranks of their memory)")
     align_workers: int = _opt(0, "--online: processes per rank aligning documents (0: on the prefetch thread, which "
                                  "then competes for the GIL with the training loop)")
     # --- objective
@@ -124,6 +126,10 @@ class TrainConfig:
         elif self.candidate or self.corpus or self.source_marker or self.target_marker or self.align_workers:
             name = next(n for n in ("candidate", "corpus", "source_marker", "target_marker", "align_workers") if getattr(self, n))
             raise bad(name, "is read only with --online")
+        if self.candidate_sharding not in ("replicate", "shard"):
+            raise bad("candidate_sharding", "choose one of ('replicate', 'shard')")
+        if self.candidate_sharding != "replicate" and not self.online:
+            raise bad("candidate_sharding", "is read only with --online")
         if self.score not in ("per_byte", "reference"):
             raise bad("score", "choose one of ('per_byte', 'reference')")
         for name, allowed in (("strategy", STRATEGIES), ("divergence", DIVERGENCES), ("mode", get_args(Mode)),

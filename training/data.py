@@ -73,6 +73,9 @@ class BlockReader:
         """Rows of block `index` with a next token."""
         return int((self[index].labels >= 0).sum())
 
+    def prepare(self, indices: list[int]) -> None:
+        """Blocks about to be read (online blocks run their candidates; stored ones need nothing)."""
+
     def release(self, indices: list[int]) -> None:
         """Blocks built into a batch (online blocks drop records no other block needs; stored ones hold none)."""
 
@@ -201,7 +204,7 @@ def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, mod
 
 
 def open_online_data(cfg: Any, model_vocab: int, device: torch.device, cache_dir: Path,
-                     locks: LockSet | None = None) -> TrainData:
+                     locks: LockSet | None = None, shard: Callable[[Any], Any] | None = None) -> TrainData:
     """`--online`: blocks packed from --corpus, the candidates (a frozen copy of --model, then
     each --candidate) loaded on this rank's device and run live (`pipeline/live.py`); held-out
     blocks from --eval-data as offline."""
@@ -213,7 +216,7 @@ def open_online_data(cfg: Any, model_vocab: int, device: torch.device, cache_dir
     blocks = open_online(cfg.corpus, cfg.model, list(cfg.candidate) if fusion else [], block_len=cfg.seq_len,
                          top_k=cfg.top_k or 10, score=cfg.score, device=device, cache_dir=cache_dir,
                          source_markers=list(cfg.source_marker) or None, target_marker=cfg.target_marker or None,
-                         align_workers=cfg.align_workers)
+                         align_workers=cfg.align_workers, shard=shard)
     if blocks.teachers[0].logits_size > model_vocab:
         raise DataError(f"--model {cfg.model}: its logits have {blocks.teachers[0].logits_size} columns, its config says {model_vocab}")
     eval_blocks: BlockReader | None = None
@@ -304,6 +307,8 @@ def make_batch(data: TrainData, indices: list[int], *, fusion: bool, weighting: 
                device: torch.device, store: BlockReader | None = None) -> TrainBatch:
     """The `TrainBatch` of some blocks; in CLM mode (or for evaluation) with one empty teacher slot."""
     reader = store or data.blocks
+    if fusion:
+        reader.prepare(indices)  # online: the candidates run once for the whole micro-batch
     blocks: list[Block] = [reader[i] for i in indices]
     if fusion:
         batch = build_batch(blocks, data.stores, data.vocab_maps, weighting=weighting, k=top_k or None, device=device,

@@ -190,6 +190,33 @@ def build_model(path: str, d: Dist, *, loss_options: dict[str, Any], attn_implem
     return model
 
 
+class FrozenSharding:
+    """Shards a frozen candidate (online fusion, `--candidate-sharding shard`) with FSDP2 like
+    the target: per decoder layer, then the root, each layer's weights gathered for its
+    forward and freed after (`reshard_after_forward`); no gradients, no optimiser state.
+
+    The candidates get a process group of their own (`group`), over which the ranks keep
+    their candidate calls in step (`pipeline.live.LiveTeacher.records`), and run on the
+    training loop's thread (the trainer turns its prefetch thread off: gathering their layers
+    from that thread while training's collectives ran made gloo mix the two groups' messages).
+    Each candidate is loaded whole on every rank first, then sharded: the peak is one whole
+    candidate per rank at start-up."""
+
+    def __init__(self, d: Dist) -> None:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        self.group = dist.new_group(backend="nccl" if d.device.type == "cuda" else "gloo")
+        self.mesh = DeviceMesh.from_group(self.group, d.device.type)
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in _decoder_layers(model):
+            fully_shard(layer, mesh=self.mesh, reshard_after_forward=True)
+        fully_shard(model, mesh=self.mesh, reshard_after_forward=True)
+        return model
+
+
 def _safetensors_files(root: Path) -> list[Path]:
     index = root / "model.safetensors.index.json"
     if index.exists():

@@ -51,7 +51,8 @@ from training.config import ConfigError, TrainConfig, check_resume_compatible
 from training.data import BlockSampler, Prefetcher, TrainData, check_tokenizer, make_batch, open_data, open_online_data
 from training.metrics import MetricsLog, peak_memory_gib, plot_curves
 from training.parallel import (
-    Dist, FusionLM, build_model, close_distributed, full_state_dict, init_distributed, model_flops_per_token, peak_flops,
+    Dist, FrozenSharding, FusionLM, build_model, close_distributed, full_state_dict, init_distributed, model_flops_per_token,
+    peak_flops,
     output_weight_name,
 )
 
@@ -115,8 +116,9 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None
 
     # 1. Data first: a missing or mismatched store fails here, before the model is loaded.
     if cfg.online:  # the candidates run live: loaded here, on this rank's device (pipeline/live.py)
+        shard = FrozenSharding(d) if cfg.candidate_sharding == "shard" else None
         data = open_online_data(cfg, int(model_config.vocab_size), d.device, out / "online" / "vocab_maps",
-                                locks=locks if d.is_main else None)
+                                locks=locks if d.is_main else None, shard=shard)
         _check_candidates(out / "online" / "candidates.json", data, d, resume_from is not None)
     else:
         data = open_data(cfg.data, cfg.eval_data, cfg.eval_holdout, seq_len=cfg.seq_len,
@@ -173,7 +175,10 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None
     # 4. The loop.
     progress = _progress(cfg.progress and d.is_main, state.step, steps_total)
     prefetch = Prefetcher(lambda ix: make_batch(data, ix, fusion=fusion, weighting=cfg.weighting, top_k=cfg.top_k, device=d.device),
-                          enabled=cfg.prefetch, device=d.device)
+                          # sharded candidates gather their layers over a group of their own; run from the
+                          # prefetch thread, those collectives interleaved with training's and gloo mixed
+                          # the two groups' messages (a size mismatch, then an abort): they run in step here
+                          enabled=cfg.prefetch and cfg.candidate_sharding != "shard", device=d.device)
     last_saved = resume_from
     started, tokens_run, steps_run = time.perf_counter(), 0, 0
     with prefetch:

@@ -39,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -89,7 +89,8 @@ class LiveTeacher:
     (inference mode); `cfg.device`/`cfg.dtype` place it (auto: the training device, bf16 on
     CUDA)."""
 
-    def __init__(self, cfg: TeacherConfig, corpus: CorpusTexts, device: torch.device, load: bool = True) -> None:
+    def __init__(self, cfg: TeacherConfig, corpus: CorpusTexts, device: torch.device, load: bool = True,
+                 shard: Callable[[Any], Any] | None = None) -> None:
         tok, mconf, logits_size = load_tokenizer_and_config(cfg)
         ctx = _context_length(mconf)
         self.max_length = cfg.max_length or min(ctx or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
@@ -110,6 +111,9 @@ class LiveTeacher:
         self.tokenizer_path = cfg.tokenizer or cfg.model
         self.tokenizer_fingerprint = tokenizer_fingerprint(self.tokenizer_path)
         self._runner: _ShardRunner | None = None
+        # sharded (FSDP2) across the ranks of `shard`'s group: every rank must make the same
+        # number of model calls, in step (see `records`)
+        self._shard, self._group = shard, getattr(shard, "group", None)
         if load:
             self.load()
 
@@ -123,6 +127,8 @@ class LiveTeacher:
                                    f"has {loaded} rows")
         for p in model.parameters():
             p.requires_grad_(False)
+        if self._shard is not None:
+            self._shard(model)
         self._runner = _ShardRunner(model, self.cfg, self._rt, self.max_length, self.num_ids, self.logits_size)
 
     def tokenize(self, doc_ids: Sequence[int]) -> list[Any]:
@@ -142,12 +148,29 @@ class LiveTeacher:
                 nll=torch.zeros(n), token_bytes=torch.from_numpy(d.token_bytes).to(torch.int32), lse=None, nll_sum=0.0)
         return out
 
+    @property
+    def sharded(self) -> bool:
+        return self._shard is not None
+
     def records(self, doc_ids: Sequence[int]) -> dict[int, TeacherRecord]:
-        if not doc_ids:
-            return {}
+        """The documents' records. Sharded, this is a collective: every rank of the group calls
+        it the same number of times (with documents or none), and ranks with fewer model calls
+        than the busiest make empty ones, so the layers' all-gathers stay in step."""
         self.load()
         assert self._runner is not None
-        arrays, _ = self._runner.run(self.tokenize(doc_ids), lambda docs, rows: None)
+        docs = self.tokenize(doc_ids) if doc_ids else []
+        if self._group is not None:
+            import torch.distributed as dist
+
+            mine = self._runner.num_batches(docs)
+            most = torch.tensor([mine], device=self._rt.device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self._group)
+            with torch.inference_mode():
+                for _ in range(int(most) - mine):
+                    self._runner.model(input_ids=torch.zeros(1, 1, dtype=torch.int64, device=self._rt.device), use_cache=False)
+        if not docs:
+            return {}
+        arrays, _ = self._runner.run(docs, lambda docs, rows: None)
         tensors, _ = encode_shard(arrays, self.encoding, self.num_ids, self.k)  # the store's rounding, in memory
         bits = id_bits(self.num_ids)
         return {int(d): decode_record(tensors.__getitem__, arrays.index, pos, self.encoding, self.k, bits)
@@ -334,7 +357,8 @@ class OnlineBlocks:
         with self._lock:
             want = [pc.doc_id for i in indices for pc in self.plan[i] if pc.doc_id not in self._entries]
             want = list(dict.fromkeys(want))
-            if not want:
+            lockstep = any(getattr(t, "sharded", False) for t in self.teachers)
+            if not want and not lockstep:  # sharded candidates join every call, with documents or none
                 return
             t0 = time.perf_counter()
             if len(self.teachers) == 1:  # CE alone (no source): the target's tokens, no model run
@@ -409,21 +433,24 @@ def open_online(corpus_path: str, target_model: str, candidates: Sequence[str], 
                 score: str, labels: str = "document", device: torch.device, cache_dir: Path,
                 teacher_options: dict[str, Any] | None = None, aligner_options: dict[str, Any] | None = None,
                 source_markers: Sequence[str | None] | None = None, target_marker: str | None = None,
-                blocks_per_shard: int = 512, align_workers: int = 0) -> OnlineBlocks:
+                blocks_per_shard: int = 512, align_workers: int = 0, shard: Callable[[Any], Any] | None = None) -> OnlineBlocks:
     """Load the corpus, the frozen target copy and every candidate (a model folder, run
     live, or a teacher store of the corpus, read), check what can be checked before the
-    first step, and pack the blocks."""
+    first step, and pack the blocks. `shard(model)`, when given, shards each live model
+    across ranks (FSDP2: `training.parallel.FrozenSharding`); its `group` attribute is the
+    process group whose ranks then run the candidates in step. Without it every rank holds
+    every candidate whole."""
     corpus = CorpusTexts(corpus_path)
     base = TeacherConfig(corpus=corpus_path, model=target_model, output="-", top_k=top_k, format="lossless",
                          progress=False, **(teacher_options or {}))
-    teachers: list[Any] = [LiveTeacher(base, corpus, device, load=bool(candidates))]  # CE alone needs no frozen copy
+    teachers: list[Any] = [LiveTeacher(base, corpus, device, load=bool(candidates), shard=shard if candidates else None)]
     for path in candidates:  # a teacher store is read, a model folder is run
         if not Path(path).exists():
             raise TeacherPassError(f"--candidate {path} does not exist: give a local transformers model folder (with its "
                                    "tokenizer) or a teacher store of --corpus")
         try:
             teachers.append(StoredTeacher(path, corpus) if is_teacher_store(path)
-                            else LiveTeacher(replace(base, model=path), corpus, device))
+                            else LiveTeacher(replace(base, model=path), corpus, device, shard=shard))
         except TeacherPassError as e:  # the teacher pass names its own flag
             raise TeacherPassError(str(e).replace("--model", "--candidate")) from None
     from fusellm_kernels.align import ConventionError

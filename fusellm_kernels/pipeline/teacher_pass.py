@@ -438,18 +438,23 @@ class _ShardRunner:
         self.padded_slots = 0
         self.real_slots = 0
 
+    def segments(self, docs: list[_Doc]) -> list[tuple[int, int, int]]:
+        """(doc, start, length) of every forward row: windows of max_length for over-long documents."""
+        L = self.max_length
+        return [(di, s, min(L, d.ids.shape[0] - s)) for di, d in enumerate(docs) for s in range(0, d.ids.shape[0], L)]
+
+    def num_batches(self, docs: list[_Doc]) -> int:
+        """How many model calls `run(docs)` makes (sharded live candidates keep their calls in step)."""
+        return len(plan_batches([s[2] for s in self.segments(docs)], self.cfg.batch_tokens))
+
     @torch.inference_mode()
     def run(self, docs: list[_Doc], on_batch: Callable[[int, int], None]) -> tuple[ShardArrays, dict[str, Any]]:
-        k, L = self.cfg.top_k, self.max_length
+        k = self.cfg.top_k
         lengths = torch.tensor([d.ids.shape[0] for d in docs], dtype=torch.int64)
         offsets = torch.zeros(len(docs) + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(lengths, 0)
         total = int(offsets[-1])
-        # segments: (doc, start, length); windows of max_length for over-long documents
-        segs: list[tuple[int, int, int]] = []
-        for di, d in enumerate(docs):
-            n = d.ids.shape[0]
-            segs.extend((di, s, min(L, n - s)) for s in range(0, n, L))
+        segs = self.segments(docs)
         last_seg_of_doc = {}
         for si, (di, _, _) in enumerate(segs):
             last_seg_of_doc[di] = si
