@@ -190,7 +190,8 @@ def test_cli_online_runs_and_refuses_bad_flags(capsys, tmp_path, tiny_corpus, ti
                          (["--candidate", str(tmp_path / "nowhere")], f"--candidate {tmp_path / 'nowhere'} does not exist"),
                          (["--candidate", str(tiny_gpt2), "--data", str(tmp_path)], "--data"),
                          (["--candidate", str(tiny_gpt2), "--eval-holdout", "1"], "--eval-holdout"),
-                         (["--candidate", str(tiny_gpt2), "--score", "mean"], "--score")):
+                         (["--candidate", str(tiny_gpt2), "--score", "mean"], "--score"),
+                         (["--candidate", str(tiny_gpt2), "--seq-len", "4096"], "context of 128 tokens")):
         rc, err = _cli(capsys, [*base, *extra, "--output", str(tmp_path / "bad")])
         assert rc == 2 and named in err and "Traceback" not in err, (extra, err)
     rc, err = _cli(capsys, ["train", "--model", str(tiny_llama), "--data", str(tmp_path), "--output", str(tmp_path / "x"),

@@ -113,6 +113,12 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None
     if not (Path(cfg.model) / "config.json").exists():
         raise ConfigError(f"--model {cfg.model!r}: {Path(cfg.model) / 'config.json'} is missing; give a local transformers model directory")
     model_config = AutoConfig.from_pretrained(cfg.model, local_files_only=True)
+    from fusellm_kernels.pipeline.teacher_pass import _context_length
+
+    context = _context_length(model_config)
+    if context is not None and cfg.seq_len > context:  # positions past it were never trained (or do not exist)
+        raise ConfigError(f"--seq-len {cfg.seq_len} exceeds --model {cfg.model}'s context of {context} tokens; "
+                          f"use blocks of at most {context} rows")
 
     # 1. Data first: a missing or mismatched store fails here, before the model is loaded.
     if cfg.online:  # the candidates run live: loaded here, on this rank's device (pipeline/live.py)
