@@ -319,7 +319,8 @@ class OnlineBlocks:
         self.stores = [_View(self, s, "record", t.root, t.k) for s, t in enumerate(teachers)]
         self._aligns = [_View(self, s, "map", t.root, t.k) for s, t in enumerate(teachers) if s > 0]
         self.vocab_maps: list[torch.Tensor | None] = [None] + [al.vocab_map for al in aligners]
-        self.names = [t.root.name or str(t.root) for t in teachers]
+        short = [t.root.name or str(t.root) for t in teachers]  # folder names, unless two candidates share one
+        self.names = short if len(set(short)) == len(short) else [str(t.root) for t in teachers]
         assert len(self.stores) == s_count
         self._pool = None
         if align_workers > 0 and aligners:
