@@ -48,6 +48,14 @@ if [ "$total" -gt "$BUDGET_S" ]; then
     exit 2
 fi
 
+# Wheels the GPU machines lack (datasets, rapidfuzz, ...), fetched here by bench/gpu_wheels.sh and
+# carried with the call (carry=[".whl"]): installed outside the image's site-packages
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/fusellm-site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/fusellm-site" \
+        || echo "gpu_check: the carried wheels in .whl/ did not install; the steps that need them will say so" >&2
+fi
+
 RES=$("$PY" -c 'from bench.common import card_name, results_dir; print(results_dir(card_name("'"$DEVICE"'")))') || {
     echo "gpu_check: no $DEVICE device visible to torch; nothing to do" >&2
     exit 2
@@ -97,10 +105,10 @@ main() {
         $([ -z "${BENCH_ARGS[*]}" ] && echo --steps 4) "${BENCH_ARGS[@]}"
     # online fusion: a ~0.9B Llama target, two ~0.5B sources of other tokenizer families, sequence 2048,
     # alignment in 2 worker processes; the prepared corpus needs `datasets` and the vocabulary map
-    # `rapidfuzz`, which the GPU machines lack: the step says so and passes unless both import (carry
-    # their wheels, ../.library/device/README.md, to run it)
+    # `rapidfuzz`, which the GPU machines lack: carried as wheels (bench/gpu_wheels.sh, installed
+    # above); without them the step says so and passes
     step bench_online bash -c 'if ! err=$("$0" -c "import datasets, rapidfuzz" 2>&1); then
-            echo "online bench skipped: $(printf "%s" "$err" | tail -n 1) (carry the datasets and rapidfuzz wheels)"
+            echo "online bench skipped: $(printf "%s" "$err" | tail -n 1) (run bench/gpu_wheels.sh here and carry .whl)"
             exit 0
         fi
         exec "$0" -m bench.bench_online --device "$1" --out "$2" ${3:+--quick}' "$PY" "$DEVICE" "$RES" "${BENCH_ARGS[*]:+quick}"
