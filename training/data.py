@@ -216,7 +216,7 @@ def open_online_data(cfg: Any, model_vocab: int, device: torch.device, cache_dir
     blocks = open_online(cfg.corpus, cfg.model, list(cfg.candidate) if fusion else [], block_len=cfg.seq_len,
                          top_k=cfg.top_k or 10, score=cfg.score, device=device, cache_dir=cache_dir,
                          source_markers=list(cfg.source_marker) or None, target_marker=cfg.target_marker or None,
-                         align_workers=cfg.align_workers, shard=shard)
+                         align_workers=cfg.align_workers, shard=shard, progress=cfg.progress and locks is not None)
     if blocks.teachers[0].logits_size > model_vocab:
         raise DataError(f"--model {cfg.model}: its logits have {blocks.teachers[0].logits_size} columns, its config says {model_vocab}")
     eval_blocks: BlockReader | None = None

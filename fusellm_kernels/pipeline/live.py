@@ -292,16 +292,21 @@ class OnlineBlocks:
 
     def __init__(self, corpus: CorpusTexts, teachers: list[Any], aligners: list[DocumentAligner], *,
                  block_len: int, score: str = "per_byte", labels: str = "document", blocks_per_shard: int = 512,
-                 align_workers: int = 0) -> None:
+                 align_workers: int = 0, progress: bool = False) -> None:
         if len(aligners) != len(teachers) - 1:
             raise ValueError("one aligner per source candidate")
         self.corpus, self.teachers, self.aligners = corpus, teachers, aligners
         self._acfg = AssembleConfig(target="-", sources=(), output="-", block_len=block_len, score=score, labels=labels,
                                     progress=False)
         target = teachers[0]
-        lengths = []
+        from tqdm.auto import tqdm
+
+        lengths: list[int] = []
+        bar = tqdm(total=len(corpus.doc_ids), unit="doc", desc="online: packing blocks", disable=not progress)
         for a in range(0, len(corpus.doc_ids), 1024):  # the target tokenizer's lengths: no model needed to pack
             lengths += [int(d.ids.shape[0]) for d in target.tokenize(corpus.doc_ids[a:a + 1024])]
+            bar.update(min(1024, len(corpus.doc_ids) - a))
+        bar.close()
         self.plan = plan_blocks(corpus.doc_ids, lengths, block_len)
         self.block_len = block_len
         self._lengths = dict(zip(corpus.doc_ids, lengths))
@@ -434,7 +439,8 @@ def open_online(corpus_path: str, target_model: str, candidates: Sequence[str], 
                 score: str, labels: str = "document", device: torch.device, cache_dir: Path,
                 teacher_options: dict[str, Any] | None = None, aligner_options: dict[str, Any] | None = None,
                 source_markers: Sequence[str | None] | None = None, target_marker: str | None = None,
-                blocks_per_shard: int = 512, align_workers: int = 0, shard: Callable[[Any], Any] | None = None) -> OnlineBlocks:
+                blocks_per_shard: int = 512, align_workers: int = 0, shard: Callable[[Any], Any] | None = None,
+                progress: bool = False) -> OnlineBlocks:
     """Load the corpus, the frozen target copy and every candidate (a model folder, run
     live, or a teacher store of the corpus, read), check what can be checked before the
     first step, and pack the blocks. `shard(model)`, when given, shards each live model
@@ -469,4 +475,4 @@ def open_online(corpus_path: str, target_model: str, candidates: Sequence[str], 
             raise ConventionError(f"--candidate {path} against --model {target_model}: {e}; set the word-start markers "
                                   "with --source-marker (one per --candidate) or --target-marker") from None
     return OnlineBlocks(corpus, teachers, aligners, block_len=block_len, score=score, labels=labels,
-                        blocks_per_shard=blocks_per_shard, align_workers=align_workers)
+                        blocks_per_shard=blocks_per_shard, align_workers=align_workers, progress=progress)
