@@ -137,6 +137,16 @@ def _candidate_store(blocks: BlockStore, i: int, data: str) -> Path:
     return path
 
 
+def _eval_blocks(eval_data: str, seq_len: int, verify: bool, locks: LockSet | None) -> BlockReader:
+    """--eval-data: held-out blocks of --seq-len rows, read in order (only their tokens are used)."""
+    if locks is not None:
+        locks.read(eval_data)
+    store = BlockStore(eval_data, verify=verify)
+    if store.block_len != seq_len:
+        raise DataError(f"{Path(eval_data) / 'manifest.json'} has block_len {store.block_len}, not --seq-len {seq_len}")
+    return BlockReader(store, 1)
+
+
 def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, model_vocab: int, fusion: bool,
               cache_shards: int = 4, verify: bool = True, locks: LockSet | None = None) -> TrainData:
     """Open and cross-check the blocks, stores and vocab maps (no block is read yet).
@@ -187,13 +197,8 @@ def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, mod
     n = len(blocks)
     reader = BlockReader(blocks, cache_shards + 1)
     if eval_data:
-        if locks is not None:
-            locks.read(eval_data)
-        eval_store = BlockStore(eval_data, verify=verify)
-        if eval_store.block_len != seq_len:
-            raise DataError(f"{Path(eval_data) / 'manifest.json'} has block_len {eval_store.block_len}, not --seq-len {seq_len}")
-        eval_blocks: BlockReader | None = BlockReader(eval_store, 1)  # read in order
-        train_range, eval_range = range(n), range(len(eval_store))
+        eval_blocks: BlockReader | None = _eval_blocks(eval_data, seq_len, verify, locks)
+        train_range, eval_range = range(n), range(len(eval_blocks))
     else:
         if eval_holdout >= n:
             raise DataError(f"--eval-holdout {eval_holdout} leaves no training blocks: {manifest} holds {n}")
@@ -220,17 +225,11 @@ def open_online_data(cfg: Any, model_vocab: int, device: torch.device, cache_dir
     if blocks.teachers[0].logits_size > model_vocab:
         raise DataError(f"--model {cfg.model}: its logits have {blocks.teachers[0].logits_size} columns, its config says {model_vocab}")
     eval_blocks: BlockReader | None = None
-    eval_range = range(0)
     if cfg.eval_data:
-        if locks is not None:
-            locks.read(cfg.eval_data)
-        eval_store = BlockStore(cfg.eval_data, verify=cfg.verify)
-        if eval_store.block_len != cfg.seq_len:
-            raise DataError(f"{Path(cfg.eval_data) / 'manifest.json'} has block_len {eval_store.block_len}, not --seq-len {cfg.seq_len}")
-        check_tokenizer(eval_store, cfg.model)
-        eval_blocks, eval_range = BlockReader(eval_store, 1), range(len(eval_store))
+        eval_blocks = _eval_blocks(cfg.eval_data, cfg.seq_len, cfg.verify, locks)
+        check_tokenizer(eval_blocks.store, cfg.model)
     return TrainData(blocks, blocks.stores if fusion else [], blocks.vocab_maps if fusion else [], blocks.names,  # type: ignore[arg-type]
-                     range(len(blocks)), eval_blocks, eval_range)
+                     range(len(blocks)), eval_blocks, range(len(eval_blocks) if eval_blocks is not None else 0))
 
 
 class BlockSampler:

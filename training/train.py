@@ -277,7 +277,7 @@ def _check_candidates(path: Path, data: TrainData, d: Dist, resuming: bool) -> N
     found = [{"model": str(t.root), "model_fingerprint": t.fingerprint, "tokenizer_fingerprint": t.tokenizer_fingerprint}
              for t in data.blocks.teachers]
     if resuming and path.exists():
-        recorded = json.loads(path.read_text())
+        recorded = _read_json(path)
         for i, (old, new) in enumerate(zip(recorded, found)):
             if old != new:
                 raise ConfigError(f"{path}: candidate {i} was {old['model']} (model {old['model_fingerprint'][:12]}) when this "

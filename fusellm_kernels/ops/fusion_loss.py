@@ -197,7 +197,6 @@ def _launch(
     logits: Tensor, labels: Tensor, teacher_ids: Tensor, teacher_logits: Tensor, weights: Tensor, fusion_mask: Tensor,
     ce_coef: Tensor, f_coef: Tensor, lse: Tensor, grad: Tensor | None, upstream: Tensor | None,
     rows: tuple[Tensor, Tensor, Tensor] | None, *, temperature: float, kl: bool, ignore_index: int, backward: bool,
-    programs_per_sm: int | None = None,
 ) -> None:
     n, v = logits.shape
     if n == 0:
@@ -205,7 +204,7 @@ def _launch(
     s, _, k = teacher_ids.shape
     # Triton vectorises a row's loads and stores when its base is 16-byte aligned and its stride a multiple of 16
     aligned = all(t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (logits, grad) if t is not None)
-    cfg = fusion_loss_launch(n, v, device_spec(logits.device), programs_per_sm, logits.element_size(), aligned)
+    cfg = fusion_loss_launch(n, v, device_spec(logits.device), elem_bytes=logits.element_size(), row_aligned=aligned)
     out = grad if grad is not None else logits  # not written unless WRITE_GRAD
     up = upstream if upstream is not None else lse  # not read unless BACKWARD
     row_loss, ce_row, d_row = rows if rows is not None else (lse, lse, lse)  # not written in BACKWARD
@@ -243,7 +242,6 @@ def fusion_loss_forward(
     ignore_index: int,
     grad: Tensor | None,
     upstream: Tensor | None = None,
-    programs_per_sm: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Row losses and, when `grad` is given, the gradient for the upstream gradient [N] of the
     row losses (`upstream`, float32; None means 1 everywhere).
@@ -252,14 +250,13 @@ def fusion_loss_forward(
     teacher_logits [S, N, K] (any strides); weights [S, N] float; fusion_mask [N] uint8;
     ce_coef, f_coef float32 scalars on the device; grad [N, V] with unit stride along V (it
     may be `logits` itself). Returns row_loss, ce_row, d_row, lse, each float32 [N].
-    `programs_per_sm` overrides the launch configuration's choice (see `launch_config`).
+    `launch_config.persistent_programs` overrides how many programs per SM it launches.
     Peak extra memory: 16·N bytes (plus `grad`, owned by the caller).
     """
     n = logits.shape[0]
     row_loss, ce_row, d_row, lse = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(4))
     _launch(logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, lse, grad, upstream,
-            (row_loss, ce_row, d_row), temperature=temperature, kl=kl, ignore_index=ignore_index, backward=False,
-            programs_per_sm=programs_per_sm)
+            (row_loss, ce_row, d_row), temperature=temperature, kl=kl, ignore_index=ignore_index, backward=False)
     return row_loss, ce_row, d_row, lse
 
 

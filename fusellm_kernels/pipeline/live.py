@@ -218,44 +218,54 @@ def is_teacher_store(path: str) -> bool:
         return False
 
 
-def cached_vocab_map(cache_dir: Path, aligner_kwargs: dict[str, Any], target_tok: Any, source_tok: Any,
-                     target_fp: str, source_fp: str) -> DocumentAligner:
-    """A `DocumentAligner` whose vocabulary map is computed once per pair of tokenizers and
-    the options it depends on, and kept under `cache_dir/<source fp>-<target fp>-<options>/`
-    with its hash (a resumed or second run reuses it)."""
+@dataclass(frozen=True)
+class AlignerSpec:
+    """How to build a source candidate's aligner again, in a worker process: the two
+    tokenizers' paths, the aligner's options and the folder of its cached vocabulary map."""
+
+    target_tokenizer: str
+    source_tokenizer: str
+    options: dict[str, Any]
+    vocab_map_dir: str
+
+    def build(self) -> DocumentAligner:
+        from fusellm_kernels.pipeline.corpus import load_tokenizer
+
+        return DocumentAligner(load_tokenizer(self.target_tokenizer), load_tokenizer(self.source_tokenizer),
+                               vocab_map=load_vocab_map(Path(self.vocab_map_dir)), **self.options)
+
+
+def cached_aligner(cache_dir: Path, options: dict[str, Any], target: Any, source: Any) -> tuple[DocumentAligner, AlignerSpec]:
+    """The aligner of a source candidate against the target (`LiveTeacher`/`StoredTeacher`s),
+    its vocabulary map computed once per pair of tokenizers and the options the map depends
+    on, and kept under `cache_dir/<source fp>-<target fp>-<options>/` with its hash (a
+    resumed or second run reuses it); and the spec that builds it again."""
     import hashlib
     import json
 
-    keyed = {k: aligner_kwargs.get(k) for k in ("vocab_align", "source_marker", "target_marker", "source_logits_size",
-                                                "target_logits_size")}
-    options = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache_dir / f"{source_fp[:16]}-{target_fp[:16]}-{options}"
+    keyed = {k: options.get(k) for k in ("vocab_align", "source_marker", "target_marker", "source_logits_size",
+                                         "target_logits_size")}
+    digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
+    folder = cache_dir / f"{source.tokenizer_fingerprint[:16]}-{target.tokenizer_fingerprint[:16]}-{digest}"
     vm = load_vocab_map(folder) if (folder / "vocab_map.pt").exists() else None
-    aligner = DocumentAligner(target_tok, source_tok, vocab_map=vm, **aligner_kwargs)
+    aligner = DocumentAligner(target.tokenizer, source.tokenizer, vocab_map=vm, **options)
     if vm is None:
         folder.mkdir(parents=True, exist_ok=True)
         save_vocab_map(folder, aligner.vocab_map)
-    aligner.cache_folder = folder  # type: ignore[attr-defined]  # where worker processes read the map
-    aligner.options = dict(aligner_kwargs)  # type: ignore[attr-defined]
-    return aligner
+    return aligner, AlignerSpec(str(target.tokenizer_path), str(source.tokenizer_path), dict(options), str(folder))
 
 
 # --- alignment in worker processes -----------------------------------------------------------
 # The exact MinED alignment is Python and CPU-bound: on the prefetch thread it would hold the
 # GIL against the training loop's own Python. Worker processes (spawned: a CUDA parent cannot
-# fork) each build the aligners once, from the tokenizers' paths and the cached vocab maps.
+# fork) each build the aligners once, from their specs.
 
 _WORKER_ALIGNERS: list[DocumentAligner] = []
 
 
-def _init_align_worker(specs: list[tuple[str, str, dict[str, Any], str]]) -> None:
-    from fusellm_kernels.pipeline.corpus import load_tokenizer
-
+def _init_align_worker(specs: list[AlignerSpec]) -> None:
     torch.set_num_threads(1)
-    _WORKER_ALIGNERS.clear()
-    for target_path, source_path, options, folder in specs:
-        _WORKER_ALIGNERS.append(DocumentAligner(load_tokenizer(target_path), load_tokenizer(source_path),
-                                                vocab_map=load_vocab_map(Path(folder)), **options))
+    _WORKER_ALIGNERS[:] = [spec.build() for spec in specs]
 
 
 def _align_in_worker(job: tuple[int, list[int], list[list[int]]]) -> list[DocAlignment]:
@@ -285,12 +295,13 @@ class OnlineBlocks:
     """Target blocks of a corpus with live candidates: reads like a `BlockReader`.
 
     teachers: [frozen target (a `LiveTeacher`), source, ...] (`LiveTeacher` or `StoredTeacher`);
-    aligners: one per source.
+    aligners: one per source; aligner_specs: how to build them in `align_workers` processes.
     blocks_per_shard: blocks grouped into virtual shards for the sampler's shard-local shuffle;
     512, `fusellm assemble`'s default, makes the sampler visit blocks in the offline order.
     """
 
     def __init__(self, corpus: CorpusTexts, teachers: list[Any], aligners: list[DocumentAligner], *,
+                 aligner_specs: Sequence[AlignerSpec] = (),
                  block_len: int, score: str = "per_byte", labels: str = "document", blocks_per_shard: int = 512,
                  align_workers: int = 0, progress: bool = False) -> None:
         if len(aligners) != len(teachers) - 1:
@@ -320,22 +331,20 @@ class OnlineBlocks:
         self._times = {"candidates_s": 0.0, "align_s": 0.0}  # work done since `take_times`
         self._rows = torch.zeros(len(teachers), dtype=torch.int64)  # real rows / aligned rows per source, since then
         self._lock = threading.RLock()  # the prefetch thread and the training thread both read blocks
-        s_count = len(teachers)
         self.stores = [_View(self, s, "record", t.root, t.k) for s, t in enumerate(teachers)]
         self._aligns = [_View(self, s, "map", t.root, t.k) for s, t in enumerate(teachers) if s > 0]
         self.vocab_maps: list[torch.Tensor | None] = [None] + [al.vocab_map for al in aligners]
         short = [t.root.name or str(t.root) for t in teachers]  # folder names, unless two candidates share one
         self.names = short if len(set(short)) == len(short) else [str(t.root) for t in teachers]
-        assert len(self.stores) == s_count
         self._pool = None
         if align_workers > 0 and aligners:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            specs = [(teachers[0].tokenizer_path, t.tokenizer_path, al.options, str(al.cache_folder))  # type: ignore[attr-defined]
-                     for t, al in zip(teachers[1:], aligners)]
+            if len(aligner_specs) != len(aligners):
+                raise ValueError("align_workers needs one aligner spec per source")
             self._pool = ProcessPoolExecutor(align_workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_align_worker, initargs=(specs,))
+                                             initializer=_init_align_worker, initargs=(list(aligner_specs),))
 
     def close(self) -> None:
         """Stop the alignment workers (if any)."""
@@ -464,15 +473,16 @@ def open_online(corpus_path: str, target_model: str, candidates: Sequence[str], 
 
     target = teachers[0]
     markers = list(source_markers or [None] * len(candidates))
-    aligners = []
+    aligners, specs = [], []
     for t, path, marker in zip(teachers[1:], candidates, markers):
         options = dict(target_logits_size=target.logits_size, source_logits_size=t.logits_size,
                        source_marker=marker or None, target_marker=target_marker or None, **(aligner_options or {}))
         try:
-            aligners.append(cached_vocab_map(cache_dir, options, target.tokenizer, t.tokenizer, target.tokenizer_fingerprint,
-                                             t.tokenizer_fingerprint))
+            aligner, spec = cached_aligner(cache_dir, options, target, t)
         except ConventionError as e:  # name the flags that set the markers by hand
             raise ConventionError(f"--candidate {path} against --model {target_model}: {e}; set the word-start markers "
                                   "with --source-marker (one per --candidate) or --target-marker") from None
-    return OnlineBlocks(corpus, teachers, aligners, block_len=block_len, score=score, labels=labels,
+        aligners.append(aligner)
+        specs.append(spec)
+    return OnlineBlocks(corpus, teachers, aligners, aligner_specs=specs, block_len=block_len, score=score, labels=labels,
                         blocks_per_shard=blocks_per_shard, align_workers=align_workers, progress=progress)
