@@ -251,3 +251,20 @@ def test_cli_names_the_marker_flags_when_conventions_cannot_be_detected(capsys, 
     assert rc == 0, err
     rc, err = _cli(capsys, [*argv[:-1], str(tmp_path / "other"), "--source-marker", "▁", "--source-marker", "▁"])
     assert rc == 2 and "one per --candidate" in err, err
+
+
+def test_a_damaged_cached_vocab_map_is_computed_again(tmp_path, tiny_corpus, tiny_llama, tiny_gpt2):
+    kw = dict(block_len=BLOCK_LEN, top_k=TOP_K, score="per_byte", device=torch.device("cpu"), cache_dir=tmp_path)
+    first = open_online(str(tiny_corpus), str(tiny_llama), [str(tiny_gpt2)], **kw)
+    (cached,) = tmp_path.glob("*/vocab_map.pt")
+    data = bytearray(cached.read_bytes())
+    data[-8:] = b"garbage!"
+    cached.write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match="cannot be used.*computing it again"):
+        again = open_online(str(tiny_corpus), str(tiny_llama), [str(tiny_gpt2)], **kw)
+    assert torch.equal(again.vocab_maps[1], first.vocab_maps[1])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # rewritten: the third open trusts it
+        open_online(str(tiny_corpus), str(tiny_llama), [str(tiny_gpt2)], **kw)

@@ -247,7 +247,15 @@ def cached_aligner(cache_dir: Path, options: dict[str, Any], target: Any, source
                                          "target_logits_size")}
     digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_dir / f"{source.tokenizer_fingerprint[:16]}-{target.tokenizer_fingerprint[:16]}-{digest}"
-    vm = load_vocab_map(folder) if (folder / "vocab_map.pt").exists() else None
+    vm = None
+    if (folder / "vocab_map.pt").exists():
+        try:
+            vm = load_vocab_map(folder)
+        except StoreError as e:  # a cache: a damaged entry is computed again, not trusted
+            import warnings
+
+            warnings.warn(f"the cached vocabulary map in {folder} cannot be used ({e}); computing it again",
+                          UserWarning, stacklevel=2)
     aligner = DocumentAligner(target.tokenizer, source.tokenizer, vocab_map=vm, **options)
     if vm is None:
         folder.mkdir(parents=True, exist_ok=True)
