@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fusellm_kernels.types import Backend, Divergence, FusionLossParts, Reduction, Strategy
+from fusellm_kernels.types import Backend, Divergence, FusionLossParts, Reduction, Strategy, TeacherTail
 from fusellm_kernels.validation import (
     FusionInputError,
     FusionInputs,
@@ -83,11 +83,13 @@ def fusion_loss(
     segment_ids: Tensor | None = None,
     source_weights: Tensor | None = None,
     fusion_mask: Tensor | None = None,
+    teacher_lse: Tensor | None = None,
     strategy: Strategy = "min_ce",
     lam: float = 0.9,
     temperature: float = 1.0,
     ce_temperature: float = 1.0,
     divergence: Divergence = "soft_ce",
+    teacher_tail: TeacherTail = "renormalize",
     ignore_index: int = -100,
     reduction: Reduction = "mean",
     return_parts: bool = False,
@@ -110,11 +112,17 @@ def fusion_loss(
             Default: one segment per sequence for [B, T, V] input, one for [N, V].
         source_weights: [S, N] non-negative weights per row (`strategy="weights"`).
         fusion_mask: [N] bool, rows counted by the fusion term (default: labels ≠ ignore_index).
+        teacher_lse: [S, N] float, each candidate's full-vocabulary log-sum-exp of the row's
+            logits (`teacher_tail="bucket"` only); NaN marks a row without one (renormalised).
         strategy: `min_ce` | `avg_ce` (softmax of exp(−CE), the original) | `softmin_ce`
             (softmax of −CE / ce_temperature) | `weights`.
         lam: weight of the CE term; the fusion term gets 1 − lam.
         temperature: teacher temperature (teacher only, no T² factor).
         divergence: `soft_ce` (−Σ P log q, the original) or `kl` (Σ P (log P − log q)).
+        teacher_tail: `renormalize` (each candidate renormalised over its ≤ K entries, the
+            original) or `bucket` (the mass outside them, 1 − Σ exp(x − lse), kept as one
+            bucket against the student's mass outside them; needs teacher_lse and temperature 1;
+            duplicate ids of a candidate are summed). See the README, "The top-k tail".
         reduction: `mean` (each term over the rows its mask admits), `sum`, `none` ([N] or [B, T]).
         return_parts: also return `FusionLossParts` (device tensors, no host sync).
         validate: inspect values too (ids/labels in range, finite teachers, ...); syncs.
@@ -131,6 +139,7 @@ def fusion_loss(
         teacher_ce=teacher_ce, segment_ids=segment_ids, source_weights=source_weights, fusion_mask=fusion_mask,
         strategy=strategy, lam=lam, temperature=temperature, ce_temperature=ce_temperature, divergence=divergence,
         ignore_index=ignore_index, reduction=reduction, validate=validate, backend=backend,
+        teacher_lse=teacher_lse, teacher_tail=teacher_tail,
     )
     if inplace_backward and not prep.use_triton:
         raise FusionInputError("inplace_backward=True needs the Triton backend (CUDA tensors or backend='triton')")
@@ -145,20 +154,20 @@ def fusion_loss(
         if inplace_backward:
             row_loss, ce_rows, d_rows = triton_ops.InplaceFusionLossFunction.apply(
                 z, inp.labels, inp.teacher_ids, inp.teacher_logits, prep.weights, fmask, prep.ce_coef, prep.f_coef,
-                prep.temperature, prep.kl, prep.ignore_index,
+                prep.temperature, prep.kl, prep.ignore_index, inp.teacher_lse,
             )
         else:
             compute_grad = torch.is_grad_enabled() and z.requires_grad
-            row_loss, ce_rows, d_rows, _, _ = triton_ops.fusion_loss_fwd_op(
+            row_loss, ce_rows, d_rows, *_ = triton_ops.fusion_loss_fwd_op(
                 z, inp.labels, inp.teacher_ids, inp.teacher_logits, prep.weights, fmask, prep.ce_coef, prep.f_coef,
-                prep.temperature, prep.kl, prep.ignore_index, compute_grad,
+                prep.temperature, prep.kl, prep.ignore_index, compute_grad, inp.teacher_lse,
             )
     else:
         from fusellm_kernels.torch_ops.fusion_loss import fusion_loss_torch
 
         row_loss, ce_rows, d_rows = fusion_loss_torch(
             z, inp.labels, inp.teacher_ids, inp.teacher_logits, prep.weights, inp.fusion_mask, prep.ce_coef, prep.f_coef,
-            temperature=prep.temperature, kl=prep.kl, ignore_index=prep.ignore_index,
+            temperature=prep.temperature, kl=prep.kl, ignore_index=prep.ignore_index, teacher_lse=inp.teacher_lse,
         )
     return finish_loss(prep, row_loss, ce_rows, d_rows, return_parts)
 
@@ -206,17 +215,19 @@ def prepare_loss(
     reduction: str,
     validate: bool,
     backend: str,
+    teacher_lse: Tensor | None = None,
+    teacher_tail: str = "renormalize",
 ) -> PreparedLoss:
     """Check the inputs (the shared validator) and compute the per-row weights and coefficients."""
     check_options(
         strategy=strategy, divergence=divergence, reduction=reduction, backend=backend, lam=lam,
-        temperature=temperature, ce_temperature=ce_temperature,
+        temperature=temperature, ce_temperature=ce_temperature, teacher_tail=teacher_tail,
     )
     check_strategy_inputs(strategy, teacher_ce, source_weights)
     inp = prepare_fusion_inputs(
         row_shape, vocab_size, device, labels, teacher_ids, teacher_logits,
         teacher_ce=teacher_ce, segment_ids=segment_ids, source_weights=source_weights, fusion_mask=fusion_mask,
-        ignore_index=ignore_index, validate=validate,
+        ignore_index=ignore_index, validate=validate, teacher_lse=teacher_lse, teacher_tail=teacher_tail,
     )
     use_triton = _use_triton(backend, device)
     weights = candidate_row_weights(

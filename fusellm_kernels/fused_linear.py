@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from fusellm_kernels.functional import PreparedLoss, finish_loss, prepare_loss
-from fusellm_kernels.types import Backend, Divergence, FusionLossParts, Reduction, Strategy
+from fusellm_kernels.types import Backend, Divergence, FusionLossParts, Reduction, Strategy, TeacherTail
 from fusellm_kernels.validation import FusionInputError, second_backward_error
 
 _CUDA_CHUNK_BYTES = 1 << 30
@@ -51,13 +51,14 @@ def _chunk_loss_grad(
     """Row losses of a chunk of logits and, if wanted, ∂(Σ upstream·ℓ)/∂z, written over z."""
     inp = prep.inputs
     args = (inp.labels[r], inp.teacher_ids[:, r], inp.teacher_logits[:, r], prep.weights[:, r])
+    tlse = None if inp.teacher_lse is None else inp.teacher_lse[:, r]
     if prep.use_triton:
         from fusellm_kernels.ops.fusion_loss import fusion_loss_forward
 
         row_loss, ce_rows, d_rows, _ = fusion_loss_forward(
             z, *args, inp.fusion_mask[r].to(torch.uint8), prep.ce_coef, prep.f_coef,
             temperature=prep.temperature, kl=prep.kl, ignore_index=prep.ignore_index,
-            grad=z if want_grad else None, upstream=upstream,
+            grad=z if want_grad else None, upstream=upstream, teacher_lse=tlse,
         )
         return row_loss, ce_rows, d_rows, (z if want_grad else None)
     from fusellm_kernels.torch_ops.fusion_loss import fusion_loss_chunk_
@@ -67,7 +68,7 @@ def _chunk_loss_grad(
     row_loss, ce_rows, d_rows = fusion_loss_chunk_(
         z, *args, inp.fusion_mask[r], prep.ce_coef, prep.f_coef,
         temperature=prep.temperature, kl=prep.kl, ignore_index=prep.ignore_index,
-        grad=want_grad, upstream=upstream, work=work,
+        grad=want_grad, upstream=upstream, work=work, teacher_lse=tlse,
     )
     return row_loss, ce_rows, d_rows, (z if want_grad else None)
 
@@ -219,11 +220,13 @@ def fused_linear_fusion_loss(
     segment_ids: Tensor | None = None,
     source_weights: Tensor | None = None,
     fusion_mask: Tensor | None = None,
+    teacher_lse: Tensor | None = None,
     strategy: Strategy = "min_ce",
     lam: float = 0.9,
     temperature: float = 1.0,
     ce_temperature: float = 1.0,
     divergence: Divergence = "soft_ce",
+    teacher_tail: TeacherTail = "renormalize",
     ignore_index: int = -100,
     reduction: Reduction = "mean",
     return_parts: bool = False,
@@ -256,6 +259,7 @@ def fused_linear_fusion_loss(
         teacher_ce=teacher_ce, segment_ids=segment_ids, source_weights=source_weights, fusion_mask=fusion_mask,
         strategy=strategy, lam=lam, temperature=temperature, ce_temperature=ce_temperature, divergence=divergence,
         ignore_index=ignore_index, reduction=reduction, validate=validate, backend=backend,
+        teacher_lse=teacher_lse, teacher_tail=teacher_tail,
     )
     h = hidden.reshape(-1, hidden.shape[-1])
     chunk = chunk_rows if chunk_rows is not None else default_chunk_rows(h.shape[0], v, hidden.dtype, hidden.device)

@@ -5,7 +5,7 @@ from torch import Tensor, nn
 
 from fusellm_kernels.functional import fusion_loss
 from fusellm_kernels.fused_linear import fused_linear_fusion_loss
-from fusellm_kernels.types import Backend, Divergence, FusionLossParts, Reduction, Strategy
+from fusellm_kernels.types import Backend, Divergence, FusionLossParts, Reduction, Strategy, TeacherTail
 from fusellm_kernels.validation import FusionInputError, check_options
 
 
@@ -20,6 +20,7 @@ class _LossOptions(nn.Module):
         temperature: float = 1.0,
         ce_temperature: float = 1.0,
         divergence: Divergence = "soft_ce",
+        teacher_tail: TeacherTail = "renormalize",
         ignore_index: int = -100,
         reduction: Reduction = "mean",
         return_parts: bool = False,
@@ -31,11 +32,11 @@ class _LossOptions(nn.Module):
         # Fail at construction, not at the first batch, for options that need no data.
         check_options(
             strategy=strategy, divergence=divergence, reduction=reduction, backend=backend, lam=lam,
-            temperature=temperature, ce_temperature=ce_temperature,
+            temperature=temperature, ce_temperature=ce_temperature, teacher_tail=teacher_tail,
         )
         self.options = dict(
             strategy=strategy, lam=lam, temperature=temperature, ce_temperature=ce_temperature,
-            divergence=divergence, ignore_index=ignore_index, reduction=reduction, return_parts=return_parts,
+            divergence=divergence, teacher_tail=teacher_tail, ignore_index=ignore_index, reduction=reduction, return_parts=return_parts,
             validate=validate, backend=backend, inplace_backward=inplace_backward,
         )
 
@@ -57,10 +58,11 @@ class FusionLoss(_LossOptions):
         segment_ids: Tensor | None = None,
         source_weights: Tensor | None = None,
         fusion_mask: Tensor | None = None,
+        teacher_lse: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, FusionLossParts]:
         return fusion_loss(
             logits, labels, teacher_ids, teacher_logits, teacher_ce=teacher_ce, segment_ids=segment_ids,
-            source_weights=source_weights, fusion_mask=fusion_mask, **self.options,
+            source_weights=source_weights, fusion_mask=fusion_mask, teacher_lse=teacher_lse, **self.options,
         )
 
 
@@ -80,10 +82,12 @@ class FusedLinearFusionLoss(_LossOptions):
         segment_ids: Tensor | None = None,
         source_weights: Tensor | None = None,
         fusion_mask: Tensor | None = None,
+        teacher_lse: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, FusionLossParts]:
         return fused_linear_fusion_loss(
             hidden, weight, labels, teacher_ids, teacher_logits, bias=bias, teacher_ce=teacher_ce,
-            segment_ids=segment_ids, source_weights=source_weights, fusion_mask=fusion_mask, **self.options,
+            segment_ids=segment_ids, source_weights=source_weights, fusion_mask=fusion_mask, teacher_lse=teacher_lse,
+            **self.options,
         )
 
 

@@ -9,11 +9,13 @@ Strategy = Literal["min_ce", "avg_ce", "softmin_ce", "weights"]
 Divergence = Literal["soft_ce", "kl"]
 Reduction = Literal["mean", "sum", "none"]
 Backend = Literal["auto", "triton", "torch"]
+TeacherTail = Literal["renormalize", "bucket"]
 
 STRATEGIES: tuple[str, ...] = ("min_ce", "avg_ce", "softmin_ce", "weights")
 DIVERGENCES: tuple[str, ...] = ("soft_ce", "kl")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+TEACHER_TAILS: tuple[str, ...] = ("renormalize", "bucket")
 
 
 class FusionLossParts(NamedTuple):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fusellm_kernels.types import BACKENDS, DIVERGENCES, REDUCTIONS, STRATEGIES
+from fusellm_kernels.types import BACKENDS, DIVERGENCES, REDUCTIONS, STRATEGIES, TEACHER_TAILS
 
 
 class FusionInputError(ValueError):
@@ -27,6 +27,7 @@ class FusionInputs:
     labels: [N] int64.  teacher_ids, teacher_logits: [S, N, K].
     teacher_ce: [S, N] or None.  segment_ids: [N] int64 (defaults filled in).
     source_weights: [S, N] or None.  fusion_mask: [N] bool (defaults filled in).
+    teacher_lse: [S, N] float32 or None (read by `teacher_tail="bucket"` only).
     batch_shape: the leading shape of the input rows, (N,) or (B, T), for `reduction="none"`.
     """
 
@@ -39,6 +40,7 @@ class FusionInputs:
     fusion_mask: Tensor
     batch_shape: tuple[int, ...]
     vocab_size: int
+    teacher_lse: Tensor | None = None
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -86,6 +88,7 @@ def check_options(
     lam: float,
     temperature: float,
     ce_temperature: float,
+    teacher_tail: str = "renormalize",
 ) -> None:
     """Options that need no tensor; every loss and module constructor runs these."""
     if strategy not in STRATEGIES:
@@ -102,6 +105,11 @@ def check_options(
         _fail(f"temperature={temperature} must be > 0")
     if not float(ce_temperature) > 0.0:
         _fail(f"ce_temperature={ce_temperature} must be > 0")
+    if teacher_tail not in TEACHER_TAILS:
+        _fail(f"unknown teacher_tail {teacher_tail!r}; choose one of {TEACHER_TAILS}")
+    if teacher_tail == "bucket" and float(temperature) != 1.0:
+        _fail(f"teacher_tail='bucket' needs temperature=1 (got {temperature}): the stored log-sum-exp is that of "
+              "the teacher's logits at T = 1; use teacher_tail='renormalize' to sharpen or soften the teacher")
 
 
 def check_strategy_inputs(strategy: str, teacher_ce: Tensor | None, source_weights: Tensor | None) -> None:
@@ -125,6 +133,8 @@ def prepare_fusion_inputs(
     fusion_mask: Tensor | None,
     ignore_index: int,
     validate: bool,
+    teacher_lse: Tensor | None = None,
+    teacher_tail: str = "renormalize",
 ) -> FusionInputs:
     """Check and flatten the inputs of a loss whose rows have shape `row_shape` ((N,) or (B, T))."""
     if len(row_shape) not in (1, 2):
@@ -157,6 +167,12 @@ def prepare_fusion_inputs(
     tlog = teacher_logits.reshape(s, n, k)
     tce = None if teacher_ce is None else _per_candidate("teacher_ce", teacher_ce, s, row_shape, n, device)
     sw = None if source_weights is None else _per_candidate("source_weights", source_weights, s, row_shape, n, device)
+    if teacher_tail == "bucket" and teacher_lse is None:
+        _fail("teacher_tail='bucket' needs teacher_lse [S, rows], each candidate's full-vocabulary log-sum-exp "
+              "(`fusellm teacher --store-lse` stores it); pass it, or use teacher_tail='renormalize'")
+    if teacher_tail != "bucket" and teacher_lse is not None:
+        _fail("teacher_lse is given but teacher_tail='renormalize' ignores it; pass teacher_tail='bucket' to use it, or drop it")
+    tlse = None if teacher_lse is None else _per_candidate("teacher_lse", teacher_lse, s, row_shape, n, device).float().contiguous()
 
     if segment_ids is None:
         seg = torch.zeros(n, dtype=torch.int64, device=device)
@@ -173,7 +189,9 @@ def prepare_fusion_inputs(
 
     if validate:
         _check_values(labels, ids, tlog, tce, seg, sw, vocab_size, ignore_index)
-    return FusionInputs(labels.long(), ids, tlog, tce, seg, sw, fmask, tuple(row_shape), vocab_size)
+        if tlse is not None:
+            _check_lse(ids, tlog, tlse, vocab_size)
+    return FusionInputs(labels.long(), ids, tlog, tce, seg, sw, fmask, tuple(row_shape), vocab_size, tlse)
 
 
 def _check_values(
@@ -203,3 +221,19 @@ def _check_values(
     if sw is not None and bool((~torch.isfinite(sw) | (sw < 0)).any()):
         s, row = (int(i) for i in (~torch.isfinite(sw) | (sw < 0)).nonzero()[0])
         _fail(f"source_weights[{s}, {row}] = {float(sw[s, row])}; weights must be finite and >= 0")
+
+
+def _check_lse(ids: Tensor, tlog: Tensor, lse: Tensor, v: int) -> None:
+    """A stored lse is the log-sum-exp of the whole row, so it is at least the row's largest
+    logit; 16-bit stored logits may round up by half an ulp (2^-8 relative, bf16), hence the slack."""
+    if bool(torch.isinf(lse).any()):
+        s, row = (int(i) for i in torch.isinf(lse).nonzero()[0])
+        _fail(f"teacher_lse[{s}, {row}] is {float(lse[s, row])}; it must be finite (NaN marks a row without one)")
+    valid = (ids >= 0) & (ids < v)
+    top = torch.where(valid, tlog.float(), float("-inf")).amax(-1)
+    low = (valid.any(-1) & ~torch.isnan(lse)) & (lse < top - top.abs() * 2.0 ** -8 - 1e-6)
+    if bool(low.any()):
+        s, row = (int(i) for i in low.nonzero()[0])
+        _fail(f"teacher_lse[{s}, {row}] = {float(lse[s, row]):.6g} is below that row's largest stored logit "
+              f"{float(top[s, row]):.6g}; a log-sum-exp over the full vocabulary cannot be: the lse and the "
+              "logits come from different rows, models or temperatures")

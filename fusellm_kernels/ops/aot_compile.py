@@ -57,6 +57,7 @@ class Case:
     dtype: str = "bf16"
     mode: str = ""  # fusion_loss: loss | grad | inplace | upstream; segment_weights: strategy; teacher_gather: map | nomap
     kl: bool = False
+    tail: bool = False  # teacher_tail="bucket" (the loss reads each candidate's lse)
 
     def label(self) -> str:
         parts = [self.op, f"V{self.v}", f"S{self.s}", f"K{self.k}", self.dtype]
@@ -64,6 +65,8 @@ class Case:
             parts.append(self.mode)
         if self.op.startswith("fusion_loss") or self.op == "fused_linear":
             parts.append("kl" if self.kl else "soft_ce")
+            if self.tail:
+                parts.append("bucket")
         return " ".join(parts)
 
 
@@ -127,6 +130,11 @@ def _launches(case: Case, spec: DeviceSpec, n: int = 8192) -> list[Captured]:
             _meta(dtype=f32), _meta(dtype=f32),  # ce_coef, f_coef
         )
 
+    def tail_inputs(rows: int) -> dict:
+        if not case.tail:
+            return {}
+        return {"teacher_lse": _meta(case.s, rows, dtype=f32), "log_q_out": _meta(case.s, rows, dtype=f32)}
+
     with assume_device(spec), _capture(kernels) as got:
         meta = torch.device("meta")
         if case.op == "fusion_loss":
@@ -134,13 +142,13 @@ def _launches(case: Case, spec: DeviceSpec, n: int = 8192) -> list[Captured]:
             grad = {"loss": None, "grad": torch.empty_like(logits), "inplace": logits, "upstream": torch.empty_like(logits)}[case.mode]
             upstream = _meta(n, dtype=f32) if case.mode == "upstream" else None
             fl.fusion_loss_forward(logits, *loss_inputs(n), temperature=1.0, kl=case.kl, ignore_index=-100,
-                                   grad=grad, upstream=upstream)
-            pps = fusion_loss_launch(n, case.v, device_spec(meta)).programs_per_sm
+                                   grad=grad, upstream=upstream, **tail_inputs(n))
+            pps = fusion_loss_launch(n, case.v, device_spec(meta), tail=case.tail).programs_per_sm
         elif case.op == "fusion_loss_backward":
             logits = _meta(n, case.v, dtype=dt)
             fl.fusion_loss_backward_(torch.empty_like(logits), _meta(n, dtype=f32), logits, *loss_inputs(n),
-                                     _meta(n, dtype=f32), temperature=1.0, ignore_index=-100)
-            pps = fusion_loss_launch(n, case.v, device_spec(meta)).programs_per_sm
+                                     _meta(n, dtype=f32), temperature=1.0, ignore_index=-100, **tail_inputs(n))
+            pps = fusion_loss_launch(n, case.v, device_spec(meta), tail=case.tail).programs_per_sm
         elif case.op == "scale_rows":
             fl.scale_rows_(_meta(n, case.v, dtype=dt), _meta(n, dtype=f32))
             pps = scale_rows_launch(n, case.v, device_spec(meta)).programs_per_sm
@@ -179,13 +187,14 @@ def _fused_linear_launches(case: Case, n: int, dt: torch.dtype) -> int:
         _meta(case.s, n, case.k, dtype=dt), teacher_ce=None, segment_ids=None, source_weights=_meta(case.s, n, dtype=torch.float32),
         fusion_mask=None, strategy="weights", lam=0.9, temperature=1.0, ce_temperature=1.0,
         divergence="kl" if case.kl else "soft_ce", ignore_index=-100, reduction="none" if case.mode == "upstream" else "mean",
-        validate=False, backend="torch",
+        validate=False, backend="torch", teacher_lse=_meta(case.s, n, dtype=torch.float32) if case.tail else None,
+        teacher_tail="bucket" if case.tail else "renormalize",
     )
     prep = dataclasses.replace(prep, use_triton=True)
     chunk = fli.default_chunk_rows(n, case.v, dt, torch.device("cuda"))
     up = _meta(n, dtype=torch.float32) if case.mode == "upstream" else None
     fli._run_chunks(hidden, weight, None, prep, chunk, (True, True, False), up)
-    return fusion_loss_launch(chunk, case.v, device_spec(meta)).programs_per_sm
+    return fusion_loss_launch(chunk, case.v, device_spec(meta), tail=case.tail).programs_per_sm
 
 
 def ci_cases() -> list[Case]:
@@ -201,6 +210,12 @@ def ci_cases() -> list[Case]:
                     cases.append(Case("fusion_loss_backward", v, s, k, dtype))
                 cases.append(Case("fused_linear", v, s, 10, dtype, "mean"))
                 cases.append(Case("fused_linear", v, s, 10, dtype, "upstream", True))
+                # the bucketed tail: its own kernel variant (TAIL), in every mode at K = 10
+                for kl in (False, True):
+                    for mode in ("loss", "grad", "inplace", "upstream"):
+                        cases.append(Case("fusion_loss", v, s, 10, dtype, mode, kl, tail=True))
+                cases.append(Case("fusion_loss_backward", v, s, 10, dtype, tail=True))
+                cases.append(Case("fused_linear", v, s, 10, dtype, "mean", tail=True))
             cases.append(Case("scale_rows", v, dtype=dtype))
             for k in (10, 16):
                 for mode in ("map", "nomap"):
@@ -208,6 +223,7 @@ def ci_cases() -> list[Case]:
     # an odd vocabulary (GPT-2, GPT-NeoX: 50 257): rows that Triton cannot read as 16-byte vectors
     for mode in ("grad", "upstream"):
         cases.append(Case("fusion_loss", 50257, 3, 10, "bf16", mode, True))
+        cases.append(Case("fusion_loss", 50257, 3, 10, "bf16", mode, True, tail=True))
     for s in (1, 3):
         for strategy in ("min_ce", "avg_ce", "softmin_ce"):
             cases.append(Case("segment_weights", s=s, mode=strategy))
@@ -223,8 +239,10 @@ def exhaustive_cases() -> list[Case]:
                 for k in (5, 8, 10, 16):
                     for kl in (False, True):
                         for mode in ("loss", "grad", "upstream"):
-                            cases.append(Case("fusion_loss", v, s, k, dtype, mode, kl))
-                    cases.append(Case("fusion_loss_backward", v, s, k, dtype))
+                            for tail in (False, True):
+                                cases.append(Case("fusion_loss", v, s, k, dtype, mode, kl, tail))
+                    for tail in (False, True):
+                        cases.append(Case("fusion_loss_backward", v, s, k, dtype, tail=tail))
             cases.append(Case("scale_rows", v, dtype=dtype))
     for s in (1, 2, 3, 4):
         for strategy in ("min_ce", "avg_ce", "softmin_ce"):
@@ -378,7 +396,7 @@ def compile_cases(cases: list[Case], targets: list[str], jobs: int = 1,
 
 
 def _line(r: Result) -> str:
-    cx = " ".join(f"{k}={v}" for k, v in r.constexprs.items() if k in ("BLOCK_V", "S_P", "K_P", "KL", "WRITE_GRAD", "BACKWARD", "HAS_UP", "STRATEGY", "HAS_MAP"))
+    cx = " ".join(f"{k}={v}" for k, v in r.constexprs.items() if k in ("BLOCK_V", "S_P", "K_P", "KL", "WRITE_GRAD", "BACKWARD", "HAS_UP", "TAIL", "STRATEGY", "HAS_MAP"))
     verdict = "ok" if not r.problems else "; ".join(r.problems)
     return (f"{r.target} {r.kernel:<26} warps={r.num_warps:<2} pps={r.programs_per_sm} regs={r.registers}/{r.register_limit} "
             f"spill={r.spill_stores}/{r.spill_loads} smem={r.shared_bytes} resident={r.resident_programs} "

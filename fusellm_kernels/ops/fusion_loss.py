@@ -17,6 +17,22 @@ Notation for one row (z ∈ R^V the student logits, q = softmax(z), lse = log Σ
 Gradient (both divergences, since Σ_v P_v = 1):
   ∂ℓ/∂z_v = (a + b)·q_v − a·[v = label] − b·P_v
 
+Bucketed tail (TAIL, `teacher_tail="bucket"`; the README's "The top-k tail"). Candidate s
+brings its full-vocabulary lse_s: p_s(u) = Σ_{j: id_sj = u} exp(x_sj − lse_s) over every valid
+slot (duplicates summed), tail t_s = max(0, 1 − Σ_u p_s(u)), c_s = Σ_u p_s(u) + t_s (1 unless
+16-bit logits overshoot); I_s its ids, Q_s = Σ_{v∉I_s} q_v, w̄_s = w_s / Σ_{s∈A} w_s. A NaN
+lse_s (a one-hot fallback) renormalises the candidate's slots among themselves: t_s = 0.
+  D = Σ_s w̄_s [Σ_u p_s(u)(lse − z_u) − t_s log Q_s]                      (soft_ce)
+      + Σ_s w̄_s [Σ_u p_s(u) log p_s(u) + t_s log t_s]                     (kl)
+With ∂ log Q_s/∂z_v = [v∉I_s]·q_v/Q_s − q_v and r_s = w̄_s t_s / Q_s:
+  ∂D/∂z_v = β_v·q_v − P_v,  P_v = Σ_s w̄_s p_s(v),  β_v = Σ_s w̄_s c_s − Σ_{s: v∉I_s} r_s
+so the dense part is (a + b·β)·q with β = Σ_s w̄_s c_s − Σ_s r_s (v in no I_s), and each entry
+id is written with its own β_v, summed over the s that miss it — never as the dense value plus
+a correction, which cancels catastrophically when some Q_s is small (r_s ≫ 1).
+Q_s is accumulated in pass 1 without 1 − Σ: per block, Σ exp(z − m) in float64 minus, in
+float64, the same fp32 terms at the block's ids of I_s (bit-identical values), so it keeps
+its digits down to Q_s ≈ 1e-12; the forward saves log Q_s [S, N] for the backward.
+
 The forward kernel reads a row twice: pass 1 finds lse online, pass 2 walks the row backwards
 (the most recently read blocks are still in L2) and writes (a + b)·q; after a barrier the
 ≤ S·K + 1 sparse positions are rewritten with their corrections. The gradient is thus
@@ -40,14 +56,14 @@ from fusellm_kernels.validation import second_backward_error
 @triton.jit
 def _fusion_loss_kernel(
     logits_ptr, labels_ptr, ids_ptr, tlog_ptr, w_ptr, fmask_ptr, ce_coef_ptr, f_coef_ptr, up_ptr,
-    row_loss_ptr, ce_row_ptr, d_row_ptr, lse_ptr, grad_ptr, scratch_id_ptr, scratch_p_ptr,
+    row_loss_ptr, ce_row_ptr, d_row_ptr, lse_ptr, grad_ptr, scratch_id_ptr, scratch_p_ptr, tlse_ptr, logq_out_ptr,
     stride_zn, stride_ln, stride_is, stride_in, stride_ik, stride_ts, stride_tn, stride_tk,
-    stride_ws, stride_wn, stride_up, stride_gn,
+    stride_ws, stride_wn, stride_up, stride_gn, stride_ls, stride_ln2, stride_qs, stride_qn,
     N, V, S, K,
     inv_temperature, ignore_index,
     BLOCK_V: tl.constexpr, S_P: tl.constexpr, K_P: tl.constexpr,
     KL: tl.constexpr, WRITE_GRAD: tl.constexpr, BACKWARD: tl.constexpr, HAS_UP: tl.constexpr,
-    RNE_BF16: tl.constexpr,
+    RNE_BF16: tl.constexpr, TAIL: tl.constexpr,
 ):
     # Persistent programs: program p takes rows p, p + P, ... (P = the grid), so the number of
     # rows in flight, and with it the L2 footprint of pass 2, is the launcher's choice.
@@ -82,7 +98,8 @@ def _fusion_loss_kernel(
             # Duplicates by a loop over the entries through this program's scratch row, so every
             # value stays an [E] vector: [E, E] comparison tiles cost 40+ registers per thread at
             # E = 64. An entry repeats an id held by an earlier entry of its own candidate (it is
-            # dropped: the first slot wins) or of any candidate (it does not write the gradient).
+            # dropped: the first slot wins; with TAIL its mass is kept) or of any candidate (it
+            # does not write the gradient).
             scr_id = scratch_id_ptr + tl.program_id(0) * E
             scr_p = scratch_p_ptr + tl.program_id(0) * E
             tl.debug_barrier()  # the previous row's reads of the scratch row are done
@@ -90,68 +107,123 @@ def _fusion_loss_kernel(
             tl.debug_barrier()  # every entry is visible to every thread
             n_same = tl.zeros([E], dtype=tl.int32)  # earlier entries of the same candidate with this id
             n_any = tl.zeros([E], dtype=tl.int32)  # earlier entries of any candidate with this id
+            member = tl.zeros([E], dtype=tl.int32)  # TAIL: bit s set when the entry's id is in I_s
             for j in range(0, S * K_P):
-                hit = e_valid & (e_raw == tl.load(scr_id + j)) & (e_idx > j)
+                same = e_valid & (e_raw == tl.load(scr_id + j))
+                hit = same & (e_idx > j)
                 n_same += (hit & (e_s == j // K_P)).to(tl.int32)
                 n_any += hit.to(tl.int32)
+                if TAIL:
+                    member = member | tl.where(same, 1 << (j // K_P), 0)
             e_keep = e_valid & (n_same == 0)
             first = e_valid & (n_any == 0)
             e_ids = tl.where(e_keep, e_raw, -1)
+            # the slots that carry mass: every valid one with TAIL (duplicates summed), else the first
+            e_mass = e_valid if TAIL else e_keep
 
             keep = tl.reshape(e_keep, [S_P, K_P])
             s_idx = tl.arange(0, S_P)
             x = tl.load(tlog_ptr + e_s * stride_ts + row * stride_tn + e_k * stride_tk,
-                        mask=e_keep, other=0.0).to(tl.float32) * inv_temperature
-            x = tl.reshape(tl.where(e_keep, x, float("-inf")), [S_P, K_P])
+                        mask=e_mass, other=0.0).to(tl.float32) * inv_temperature
+            x = tl.reshape(tl.where(e_mass, x, float("-inf")), [S_P, K_P])
             has_s = tl.sum(keep.to(tl.int32), axis=1) > 0
             x_max = tl.where(has_s, tl.max(x, axis=1), 0.0)
-            ex = tl.where(keep, tl.exp(x - x_max[:, None]), 0.0)
-            p = ex / tl.where(has_s, tl.sum(ex, axis=1), 1.0)[:, None]
+            ex = tl.exp(x - x_max[:, None])  # 0 at empty slots
+            if TAIL:
+                t_lse = tl.load(tlse_ptr + s_idx * stride_ls + row * stride_ln2, mask=s_idx < S, other=0.0)
+                renorm = t_lse != t_lse  # NaN: no lse for this row (a one-hot fallback)
+                own = x_max + tl.log(tl.where(has_s, tl.sum(ex, axis=1), 1.0))
+                p = tl.exp(x - tl.where(renorm, own, t_lse)[:, None])
+                p_sum = tl.sum(p, axis=1)
+                tail = tl.where(has_s & (renorm == 0), tl.maximum(1.0 - p_sum, 0.0), 0.0)
+            else:
+                p = ex / tl.where(has_s, tl.sum(ex, axis=1), 1.0)[:, None]
             w = tl.load(w_ptr + s_idx * stride_ws + row * stride_wn, mask=s_idx < S, other=0.0).to(tl.float32)
             w = tl.where(has_s, w, 0.0)
             w_total = tl.sum(w, axis=0)
             fmask = tl.load(fmask_ptr + row) != 0
             has_f = fmask & (w_total > 0)
-            e_P = tl.reshape(w[:, None] * p / tl.where(w_total > 0, w_total, 1.0), [E])
+            w_bar = w / tl.where(w_total > 0, w_total, 1.0)
+            e_P = tl.reshape(w_bar[:, None] * p, [E])
 
-            # P at each entry's id, summed over the candidates that hold it
+            # P at each entry's id, summed over the candidates (and with TAIL the slots) that hold it
             tl.store(scr_p + e_idx, e_P)
             tl.debug_barrier()
             merged = tl.zeros([E], dtype=tl.float32)
+            merged_same = tl.zeros([E], dtype=tl.float32)  # TAIL and KL: w̄_s·p_s(id) of the entry's own s
             for j in range(0, S * K_P):
-                merged += tl.where(e_keep & (e_ids == tl.load(scr_id + j)), tl.load(scr_p + j), 0.0)
+                on = e_keep & (e_ids == tl.load(scr_id + j))
+                p_j = tl.load(scr_p + j)
+                merged += tl.where(on, p_j, 0.0)
+                if TAIL and KL:
+                    merged_same += tl.where(on & (e_s == j // K_P), p_j, 0.0)
+            # kl's teacher entropy needs no logits: summed now, so fewer vectors live through the passes
+            entropy = 0.0
+            if KL and not BACKWARD:
+                if TAIL:
+                    w_e = tl.reshape(tl.broadcast_to(w_bar[:, None], [S_P, K_P]), [E])
+                    ent = e_keep & (merged_same > 0)
+                    entropy = tl.sum(tl.where(ent, merged_same * tl.log(tl.where(ent, merged_same, 1.0) / tl.where(ent, w_e, 1.0)), 0.0), axis=0)
+                    entropy += tl.sum(tl.where(tail > 0.0, w_bar * tail * tl.log(tl.where(tail > 0.0, tail, 1.0)), 0.0), axis=0)
+                else:
+                    entropy = tl.sum(tl.where(e_keep & (e_P > 0), e_P * tl.log(tl.where(e_P > 0, merged, 1.0)), 0.0), axis=0)
 
             v_off = tl.arange(0, BLOCK_V)
+            # gathered before pass 1 (TAIL reads them there) and pass 2 (which may overwrite the logits)
+            z_label = tl.load(z_row + label, mask=label_ok, other=0.0).to(tl.float32)
+            e_z = tl.load(z_row + tl.where(e_mass, e_raw, 0), mask=e_mass, other=0.0).to(tl.float32)
             if BACKWARD:
                 lse = tl.load(lse_ptr + row)
+                if TAIL:
+                    log_q_out = tl.load(logq_out_ptr + s_idx * stride_qs + row * stride_qn, mask=s_idx < S, other=0.0)
             else:
-                # ---- pass 1: lse = log Σ exp z, online over blocks of the row ----
+                # ---- pass 1: lse = log Σ exp z, online over blocks of the row (TAIL: and Q_s) ----
                 m = float("-inf")
                 acc = 0.0
+                out_acc = tl.zeros([S_P], dtype=tl.float32)  # Σ_{v∉I_s} exp(z_v − m)
                 for v0 in range(0, V, BLOCK_V):
                     cols = v0 + v_off
                     z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
                     m_new = tl.maximum(m, tl.max(z, axis=0))
-                    acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+                    ez = tl.exp(z - m_new)
+                    acc = acc * tl.exp(m - m_new) + tl.sum(ez, axis=0)
+                    if TAIL:
+                        in_blk = e_keep & (e_raw >= v0) & (e_raw < v0 + BLOCK_V)
+                        e_ex = tl.where(in_blk, tl.exp(e_z - m_new), 0.0).to(tl.float64)
+                        in_s = tl.sum(tl.reshape(e_ex, [S_P, K_P]), axis=1)
+                        out_blk = tl.sum(ez.to(tl.float64), axis=0) - in_s
+                        out_acc = out_acc * tl.exp(m - m_new) + tl.maximum(out_blk, 0.0).to(tl.float32)
                     m = m_new
                 lse = m + tl.log(acc)
                 tl.store(lse_ptr + row, lse)
+                if TAIL:
+                    log_q_out = tl.log(out_acc) - tl.log(acc)
+                    if WRITE_GRAD:
+                        tl.store(logq_out_ptr + s_idx * stride_qs + row * stride_qn, log_q_out, mask=s_idx < S)
 
-            # gathered before pass 2, which may overwrite the logits
-            z_label = tl.load(z_row + label, mask=label_ok, other=0.0).to(tl.float32)
-            e_z = tl.load(z_row + e_ids, mask=e_keep, other=0.0).to(tl.float32)
             a = tl.where(ce_on, tl.load(ce_coef_ptr).to(tl.float32), 0.0)
             # a label outside [0, V) (not ignore_index): NaN in a spreads to the row's loss and
             # every entry of its gradient, visible with no host sync (validate=True names it)
             a = tl.where(ce_on & (label_ok == 0), float("nan"), a)
             b = tl.where(has_f, tl.load(f_coef_ptr).to(tl.float32), 0.0)
+            if TAIL:
+                has_tail = tail > 0.0
+                ratio = tl.where(has_tail, w_bar * tail * tl.exp(-log_q_out), 0.0)  # r_s = w̄_s t_s / Q_s
+                w_mass = tl.sum(w_bar * (p_sum + tail), axis=0)
+                beta = w_mass - tl.sum(ratio, axis=0)
+                # each entry's own β: the r_s of the candidates whose ids miss it, summed directly
+                miss = ((member[:, None] >> s_idx[None, :]) & 1) == 0
+                e_beta = w_mass - tl.sum(tl.where(miss, ratio[None, :], 0.0), axis=1)
+            else:
+                beta = 1.0
+                e_beta = tl.full([E], 1.0, dtype=tl.float32)
             if not BACKWARD:
                 # ---- loss terms ----
                 ce = tl.where(ce_on, lse - z_label, 0.0)
                 ce = tl.where(ce_on & (label_ok == 0), float("nan"), ce)
-                d = tl.sum(tl.where(e_keep, e_P * (lse - e_z), 0.0), axis=0)
-                if KL:
-                    d += tl.sum(tl.where(e_keep & (e_P > 0), e_P * tl.log(tl.where(e_P > 0, merged, 1.0)), 0.0), axis=0)
+                d = tl.sum(tl.where(e_mass, e_P * (lse - e_z), 0.0), axis=0) + entropy
+                if TAIL:
+                    d -= tl.sum(tl.where(has_tail, w_bar * tail * log_q_out, 0.0), axis=0)
                 d = tl.where(has_f, d, 0.0)
                 tl.store(ce_row_ptr + row, ce)
                 tl.store(d_row_ptr + row, d)
@@ -160,9 +232,9 @@ def _fusion_loss_kernel(
             if WRITE_GRAD:
                 a = a * up
                 b = b * up
-                c = a + b
+                c = a + b * beta
                 g_row = grad_ptr + row * stride_gn
-                # ---- pass 2, backwards: the dense part (a + b)·q ----
+                # ---- pass 2, backwards: the dense part (a + b·β)·q ----
                 n_blocks = tl.cdiv(V, BLOCK_V)
                 for i in range(0, n_blocks):
                     cols = (n_blocks - 1 - i) * BLOCK_V + v_off
@@ -170,9 +242,9 @@ def _fusion_loss_kernel(
                     tl.store(g_row + cols, to_stored_dtype(c * tl.exp(z - lse), grad_ptr, RNE_BF16), mask=cols < V)
                 # The sparse rewrites below must land after every thread's dense stores.
                 tl.debug_barrier()
-                # ---- the sparse corrections, duplicates merged so each position is written once ----
+                # ---- the sparse positions, duplicates merged so each is written once ----
                 e_coef = b * merged + tl.where(e_ids == label, a, 0.0)
-                e_grad = c * tl.exp(e_z - lse) - e_coef
+                e_grad = (a + b * e_beta) * tl.exp(e_z - lse) - e_coef
                 tl.store(g_row + e_ids, to_stored_dtype(e_grad, grad_ptr, RNE_BF16), mask=first)
                 label_in_teacher = tl.sum((e_keep & (e_ids == label)).to(tl.int32), axis=0) > 0
                 g_label = c * tl.exp(z_label - lse) - a
@@ -197,6 +269,7 @@ def _launch(
     logits: Tensor, labels: Tensor, teacher_ids: Tensor, teacher_logits: Tensor, weights: Tensor, fusion_mask: Tensor,
     ce_coef: Tensor, f_coef: Tensor, lse: Tensor, grad: Tensor | None, upstream: Tensor | None,
     rows: tuple[Tensor, Tensor, Tensor] | None, *, temperature: float, kl: bool, ignore_index: int, backward: bool,
+    teacher_lse: Tensor | None = None, log_q_out: Tensor | None = None,
 ) -> None:
     n, v = logits.shape
     if n == 0:
@@ -204,25 +277,30 @@ def _launch(
     s, _, k = teacher_ids.shape
     # Triton vectorises a row's loads and stores when its base is 16-byte aligned and its stride a multiple of 16
     aligned = all(t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in (logits, grad) if t is not None)
-    cfg = fusion_loss_launch(n, v, device_spec(logits.device), elem_bytes=logits.element_size(), row_aligned=aligned)
+    cfg = fusion_loss_launch(n, v, device_spec(logits.device), elem_bytes=logits.element_size(), row_aligned=aligned,
+                             tail=teacher_lse is not None)
     out = grad if grad is not None else logits  # not written unless WRITE_GRAD
     up = upstream if upstream is not None else lse  # not read unless BACKWARD
     row_loss, ce_row, d_row = rows if rows is not None else (lse, lse, lse)  # not written in BACKWARD
     e = triton.next_power_of_2(s) * triton.next_power_of_2(k)
     scratch_id = torch.empty(cfg.grid, e, dtype=torch.int32, device=logits.device)  # one row per program
     scratch_p = torch.empty(cfg.grid, e, dtype=torch.float32, device=logits.device)
+    tail = teacher_lse is not None
+    tlse = teacher_lse if tail else weights  # not read without TAIL
+    logq = log_q_out if log_q_out is not None else tlse  # written (TAIL and a gradient) or read (BACKWARD)
     _fusion_loss_kernel[(cfg.grid,)](
         logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, up,
-        row_loss, ce_row, d_row, lse, out, scratch_id, scratch_p,
+        row_loss, ce_row, d_row, lse, out, scratch_id, scratch_p, tlse, logq,
         logits.stride(0), labels.stride(0),
         teacher_ids.stride(0), teacher_ids.stride(1), teacher_ids.stride(2),
         teacher_logits.stride(0), teacher_logits.stride(1), teacher_logits.stride(2),
-        weights.stride(0), weights.stride(1), up.stride(0), out.stride(0),
+        weights.stride(0), weights.stride(1), up.stride(0), out.stride(0), tlse.stride(0), tlse.stride(1),
+        logq.stride(0), logq.stride(1),
         n, v, s, k,
         1.0 / temperature, ignore_index,
         BLOCK_V=cfg.block, S_P=triton.next_power_of_2(s), K_P=triton.next_power_of_2(k),
         KL=kl, WRITE_GRAD=grad is not None, BACKWARD=backward, HAS_UP=upstream is not None and not backward,
-        RNE_BF16=needs_rne_bf16(out),
+        RNE_BF16=needs_rne_bf16(out), TAIL=tail,
         num_warps=cfg.num_warps, maxnreg=cfg.maxnreg,
     )
 
@@ -242,9 +320,14 @@ def fusion_loss_forward(
     ignore_index: int,
     grad: Tensor | None,
     upstream: Tensor | None = None,
+    teacher_lse: Tensor | None = None,
+    log_q_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Row losses and, when `grad` is given, the gradient for the upstream gradient [N] of the
     row losses (`upstream`, float32; None means 1 everywhere).
+
+    teacher_lse [S, N] float32 selects the bucketed tail (temperature must be 1); with a
+    gradient, log Q_s is written into `log_q_out` (float32 [S, N]) for the backward.
 
     logits [N, V] bf16/fp16/fp32 with unit stride along V; labels [N] int; teacher_ids and
     teacher_logits [S, N, K] (any strides); weights [S, N] float; fusion_mask [N] uint8;
@@ -255,20 +338,25 @@ def fusion_loss_forward(
     """
     n = logits.shape[0]
     row_loss, ce_row, d_row, lse = (torch.empty(n, dtype=torch.float32, device=logits.device) for _ in range(4))
+    if teacher_lse is not None and grad is not None and log_q_out is None:
+        log_q_out = torch.empty_like(teacher_lse)
     _launch(logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, lse, grad, upstream,
-            (row_loss, ce_row, d_row), temperature=temperature, kl=kl, ignore_index=ignore_index, backward=False)
+            (row_loss, ce_row, d_row), temperature=temperature, kl=kl, ignore_index=ignore_index, backward=False,
+            teacher_lse=teacher_lse, log_q_out=log_q_out)
     return row_loss, ce_row, d_row, lse
 
 
 def fusion_loss_backward_(
     grad: Tensor, upstream: Tensor, logits: Tensor, labels: Tensor, teacher_ids: Tensor, teacher_logits: Tensor,
     weights: Tensor, fusion_mask: Tensor, ce_coef: Tensor, f_coef: Tensor, lse: Tensor, *, temperature: float, ignore_index: int,
+    teacher_lse: Tensor | None = None, log_q_out: Tensor | None = None,
 ) -> Tensor:
     """Finish the gradient written by `fusion_loss_forward` for the upstream gradient [N] of the
     row losses: rows with upstream exactly 1 are left alone, the others are recomputed from the
     logits and `lse` (one read, one write). In place on `grad`; no extra memory."""
     _launch(logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, lse, grad, upstream,
-            None, temperature=temperature, kl=False, ignore_index=ignore_index, backward=True)
+            None, temperature=temperature, kl=False, ignore_index=ignore_index, backward=True,
+            teacher_lse=teacher_lse, log_q_out=log_q_out)
     return grad
 
 
@@ -301,51 +389,64 @@ def fusion_loss_fwd_op(
     kl: bool,
     ignore_index: int,
     compute_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    teacher_lse: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    log_q_out = torch.empty_like(teacher_lse) if teacher_lse is not None and compute_grad else _no_tensor(logits)
     outs = fusion_loss_forward(
         logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef,
         temperature=temperature, kl=kl, ignore_index=ignore_index, grad=grad if compute_grad else None,
+        teacher_lse=teacher_lse, log_q_out=log_q_out if log_q_out.numel() else None,
     )
-    return (*outs, grad)
+    return (*outs, grad, log_q_out)
+
+
+def _no_tensor(logits: Tensor) -> Tensor:
+    return logits.new_empty(0, dtype=torch.float32)
 
 
 @fusion_loss_fwd_op.register_fake
-def _(logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, temperature, kl, ignore_index, compute_grad):
+def _(logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, temperature, kl, ignore_index, compute_grad, teacher_lse=None):
     n = logits.shape[0]
     rows = [logits.new_empty(n, dtype=torch.float32) for _ in range(4)]
-    return (*rows, torch.empty_like(logits) if compute_grad else logits.new_empty(0))
+    log_q_out = torch.empty_like(teacher_lse) if teacher_lse is not None and compute_grad else _no_tensor(logits)
+    return (*rows, torch.empty_like(logits) if compute_grad else logits.new_empty(0), log_q_out)
 
 
 @torch.library.custom_op("fusellm::fusion_loss_bwd_", mutates_args=("grad",))
 def fusion_loss_bwd_op(
     grad: Tensor, upstream: Tensor, logits: Tensor, labels: Tensor, teacher_ids: Tensor, teacher_logits: Tensor,
     weights: Tensor, fusion_mask: Tensor, ce_coef: Tensor, f_coef: Tensor, lse: Tensor, temperature: float, ignore_index: int,
+    teacher_lse: Tensor | None = None, log_q_out: Tensor | None = None,
 ) -> None:
     fusion_loss_backward_(grad, upstream, logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef,
-                          lse, temperature=temperature, ignore_index=ignore_index)
+                          lse, temperature=temperature, ignore_index=ignore_index, teacher_lse=teacher_lse, log_q_out=log_q_out)
 
 
 @fusion_loss_bwd_op.register_fake
-def _(grad, upstream, logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, lse, temperature, ignore_index) -> None:
+def _(grad, upstream, logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, lse, temperature, ignore_index,
+      teacher_lse=None, log_q_out=None) -> None:
     return None
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, temperature, _, ignore_index, _ = inputs
-    ctx.save_for_backward(output[4], logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, output[3])
+    logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, temperature, _, ignore_index, _, *tail = inputs
+    teacher_lse = tail[0] if tail else None
+    ctx.save_for_backward(output[4], logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, output[3],
+                          teacher_lse, output[5] if teacher_lse is not None else None)
     ctx.options = (temperature, ignore_index)
     ctx.n_inputs = len(inputs)
     ctx.spent = False
 
 
-def _backward(ctx, g_row_loss, g_ce, g_d, g_lse, g_grad):
+def _backward(ctx, g_row_loss, g_ce, g_d, g_lse, g_grad, g_log_q):
     if ctx.spent:  # the gradient was made in the forward and finished in place: it is spent
         raise second_backward_error("fusion_loss")
     ctx.spent = True
     grad, *saved = ctx.saved_tensors
     temperature, ignore_index = ctx.options
-    torch.ops.fusellm.fusion_loss_bwd_(grad, g_row_loss, *saved, temperature, ignore_index)
+    *saved, teacher_lse, log_q_out = saved
+    torch.ops.fusellm.fusion_loss_bwd_(grad, g_row_loss, *saved, temperature, ignore_index, teacher_lse, log_q_out)
     return (grad,) + (None,) * (ctx.n_inputs - 1)
 
 
@@ -360,10 +461,11 @@ class InplaceFusionLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, temperature, kl, ignore_index):
+    def forward(ctx, logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef, temperature, kl, ignore_index,
+                teacher_lse=None):
         row_loss, ce_row, d_row, _ = fusion_loss_forward(
             logits, labels, teacher_ids, teacher_logits, weights, fusion_mask, ce_coef, f_coef,
-            temperature=temperature, kl=kl, ignore_index=ignore_index, grad=logits,
+            temperature=temperature, kl=kl, ignore_index=ignore_index, grad=logits, teacher_lse=teacher_lse,
         )
         ctx.save_for_backward(logits)
         ctx.spent = False
@@ -377,4 +479,4 @@ class InplaceFusionLossFunction(torch.autograd.Function):
         ctx.spent = True
         (grad,) = ctx.saved_tensors
         scale_rows_(grad, g_row_loss)
-        return (grad,) + (None,) * 10
+        return (grad,) + (None,) * 11

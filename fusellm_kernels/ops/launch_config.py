@@ -141,7 +141,7 @@ LARGE_VOCAB = 65536
 
 
 def fusion_loss_launch(n: int, v: int, spec: DeviceSpec | None, programs_per_sm: int | None = None,
-                       elem_bytes: int = 2, row_aligned: bool = True) -> Launch:
+                       elem_bytes: int = 2, row_aligned: bool = True, tail: bool = False) -> Launch:
     """The fusion-loss kernel: persistent programs over rows, a vocabulary block of ≤ 4096.
 
     On GPUs the programs in flight bound pass 2's L2 footprint (programs × V × bytes: the
@@ -154,12 +154,16 @@ def fusion_loss_launch(n: int, v: int, spec: DeviceSpec | None, programs_per_sm:
     row stride is a multiple of 16 elements, `row_aligned`), else 8 — fp32 vectors hold 4
     logits, and an unaligned row (V = 50 257) is read element by element; either way 16 per
     thread would need more addresses than the 64-register budget holds (measured: 4–36
-    bytes of spills at 8 warps)."""
+    bytes of spills at 8 warps).
+
+    `tail` (teacher_tail="bucket"): below V = 65 536, 3 programs of 8 warps (80 registers):
+    its per-candidate Q_s accumulators, float64 block sums and per-entry β spilled 4–16 bytes
+    at 64 registers (8 warps, 8 logits per thread); from V = 65 536 its 2 × 16 warps fit 64."""
     if spec is None:
         return Launch(grid=min(n, 4), num_warps=4, block=min(_next_power_of_2(v), 1 << 15), programs_per_sm=0)
     large = v >= LARGE_VOCAB
     pps = programs_per_sm if programs_per_sm is not None else _programs.get()
-    pps = pps if pps is not None else (2 if large else 4)
+    pps = pps if pps is not None else (2 if large else (3 if tail else 4))
     warps = 16 if large else 8
     if pps * warps * 32 > spec.max_threads_per_sm:
         raise ValueError(f"{pps} programs per SM of {warps} warps need {pps * warps * 32} threads; "

@@ -12,6 +12,12 @@ its valid slots (id in [0, V), first occurrence of each id); the fused teacher i
 P = Σ_{s∈A} w_s p_s / Σ_{s∈A} w_s over the candidates A that have a distribution;
 CE_n = −log q[label_n]; D_n = −Σ_v P_v log q_v (soft_ce) or Σ_v P_v (log P_v − log q_v) (kl);
 ℓ_n = λ·CE_n·[label_n ≠ ignore] + (1 − λ)·D_n·[fusion_mask_n and the row has a teacher].
+
+With `teacher_tail="bucket"` each candidate keeps the mass outside its entries (the README's
+"The top-k tail"): p_s(u) = Σ_{j: id_sj = u} exp(x_sj − lse_s) over its valid slots (duplicates
+summed), tail t_s = max(0, 1 − Σ_u p_s(u)), student mass outside its ids Q_s = Σ_{v∉I_s} q_v,
+and D_n = Σ_s w̄_s [Σ_u p_s(u)(log p_s(u) − log q_u) + t_s(log t_s − log Q_s)] (soft_ce drops
+the p log p and t log t terms); a NaN lse_s renormalises that candidate's row with no tail.
 These functions are for clarity and testing; they materialise [N, V] tensors.
 """
 from __future__ import annotations
@@ -105,6 +111,45 @@ def dense_fused_teacher(
     return dense, has_teacher
 
 
+def bucket_divergence(
+    logq: Tensor, teacher_ids: Tensor, teacher_logits: Tensor, teacher_lse: Tensor, weights: Tensor, *, kl: bool
+) -> tuple[Tensor, Tensor]:
+    """Per-row bucketed divergence D [N] and has_teacher [N], densely in logq's dtype.
+
+    logq [N, V] = log_softmax of the student; teacher_ids/teacher_logits [S, N, K];
+    teacher_lse [S, N] (NaN: that candidate's row is renormalised over its entries, no tail).
+    """
+    dtype = logq.dtype
+    s_count, n, _ = teacher_ids.shape
+    v = logq.shape[1]
+    valid = (teacher_ids >= 0) & (teacher_ids < v)
+    x = torch.where(valid, teacher_logits.to(dtype), float("-inf"))
+    own = torch.logsumexp(x, dim=-1)  # the candidate's entries alone (duplicates included)
+    lse = teacher_lse.to(dtype)
+    renorm = torch.isnan(lse)
+    lse = torch.where(renorm, own, lse)
+    has_s = valid.any(-1)
+    w = torch.where(has_s, weights.to(dtype), 0.0)
+    total = w.sum(0)
+    has_teacher = total > 0
+    wbar = w / torch.where(has_teacher, total, 1.0)
+    d = torch.zeros(n, dtype=dtype, device=logq.device)
+    q = logq.exp()
+    for s in range(s_count):
+        idx = torch.where(valid[s], teacher_ids[s], 0).long()
+        p = torch.zeros(n, v, dtype=dtype, device=logq.device)
+        p.scatter_add_(1, idx, torch.where(valid[s], torch.exp(x[s] - lse[s, :, None]), 0.0))
+        member = torch.zeros(n, v, dtype=torch.bool, device=logq.device)
+        member.scatter_(1, idx, valid[s])
+        tail = torch.where(renorm[s] | ~has_s[s], 0.0, (1 - p.sum(-1)).clamp_min(0))
+        q_out = torch.where(member, 0.0, q).sum(-1)  # Σ_{v∉I_s} q_v, summed directly (no 1 − Σ)
+        d_s = -(p * logq).sum(-1) - torch.where(tail > 0, tail * torch.log(q_out), 0.0)
+        if kl:
+            d_s = d_s + torch.xlogy(p, p).sum(-1) + torch.xlogy(tail, tail)
+        d = d + torch.where(wbar[s] > 0, wbar[s] * d_s, 0.0)
+    return d, has_teacher
+
+
 def _per_candidate(x: Tensor | None, s: int, n: int) -> Tensor | None:
     return None if x is None else x.reshape(s, n)
 
@@ -181,6 +226,8 @@ def fusion_loss_reference(
     ignore_index: int = -100,
     reduction: str = "mean",
     return_parts: bool = False,
+    teacher_lse: Tensor | None = None,
+    teacher_tail: str = "renormalize",
     dtype: torch.dtype = torch.float64,
 ) -> Tensor | tuple[Tensor, FusionLossParts]:
     """The fusion loss, computed densely in `dtype` (float64 by default); same keywords as `fusion_loss`."""
@@ -195,13 +242,18 @@ def fusion_loss_reference(
     weights = candidate_weights(
         tce, labels, seg, strategy=strategy, ce_temperature=ce_temperature, source_weights=sw, ignore_index=ignore_index, dtype=dtype
     )
-    teacher, has_teacher = dense_fused_teacher(ids, tlog, weights, v, temperature, dtype)
-    if divergence == "soft_ce":
-        d_rows = -(teacher * logq).sum(-1)
-    elif divergence == "kl":
-        d_rows = (torch.xlogy(teacher, teacher) - teacher * logq).sum(-1)
-    else:
+    if divergence not in ("soft_ce", "kl"):
         raise ValueError(f"unknown divergence {divergence!r}")
+    if teacher_tail == "bucket":
+        assert teacher_lse is not None and temperature == 1.0
+        d_rows, has_teacher = bucket_divergence(
+            logq, ids, tlog, teacher_lse.reshape(ids.shape[0], -1), weights, kl=divergence == "kl"
+        )
+    else:
+        teacher, has_teacher = dense_fused_teacher(ids, tlog, weights, v, temperature, dtype)
+        d_rows = -(teacher * logq).sum(-1)
+        if divergence == "kl":
+            d_rows = d_rows + torch.xlogy(teacher, teacher).sum(-1)
     d_rows = torch.where(fmask & has_teacher, d_rows, 0.0)
 
     loss, ce_part, fusion_part = _reduce(ce_rows, d_rows, ce_on, fmask, lam, reduction)
