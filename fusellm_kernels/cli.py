@@ -189,16 +189,32 @@ def _align_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-verify", action="store_true",
                    help="skip the SHA-256 check of every input file before its first use (unsafe: a damaged shard "
                         "flows into the output unnoticed)")
+    p.add_argument("--method", choices=("minED", "pta"), default="minED",
+                   help="minED: each paired row takes the source's remapped top-k (the original); pta: probabilistic "
+                        "token alignment (PTA-LLM), the teacher an optimal-transport plan between the source's and the "
+                        "target's top-k gives (aligned-rows shards; --reference: the authors' code's choices)")
+    p.add_argument("--pta-top-k", type=int, default=None, metavar="K",
+                   help="pta: top-k entries per side (default 10, the authors' logits_number)")
+    p.add_argument("--pta-lambda", type=float, default=None,
+                   help="pta: inverse entropic regulariser, kernel exp(-lambda * edit distance) (default 30, the authors')")
+    p.add_argument("--pta-tolerance", type=float, default=None,
+                   help="pta: Sinkhorn stops at this row marginal error (default 1e-5, the authors' epsilon)")
+    p.add_argument("--pta-max-iter", type=int, default=None, help="pta: Sinkhorn's iteration cap (default 1000)")
 
 
 def _align_run(a: argparse.Namespace) -> RunSummary:
     from fusellm_kernels.pipeline.align_job import AlignConfig, run_align
+    from fusellm_kernels.store import StoreError
 
+    pta = {name: getattr(a, name) for name in ("pta_top_k", "pta_lambda", "pta_tolerance", "pta_max_iter")
+           if getattr(a, name) is not None}
+    if pta and a.method != "pta":
+        raise StoreError(f"--{next(iter(pta)).replace('_', '-')} applies to --method pta only")
     return run_align(AlignConfig(
         target=a.target, source=a.source, output=a.output, vocab_align=a.vocab_align, fallback=a.fallback,
         reference=a.reference, normalization=a.normalization, source_marker=a.source_marker,
         target_marker=a.target_marker, workers=a.workers, overwrite=a.overwrite, progress=not a.no_progress,
-        verify=not a.no_verify,
+        verify=not a.no_verify, method=a.method, **pta,
     ))
 
 
@@ -372,6 +388,9 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--online", action="store_true",
                    help="run the candidates inside training (`fusellm train --online`) instead of the teacher, align and "
                         "assemble stages over the training text (default: a run directory of its own, runs/fuse/PRESET-online)")
+    p.add_argument("--teacher-tail", choices=("renormalize", "bucket"), default=None,
+                   help="bucket: also train MinCE (the fusion seeds) with `fusellm train --teacher-tail bucket`, each "
+                        "teacher's top-k tail kept, and report it beside MinCE renormalised (default: renormalize only)")
     p.add_argument("--overwrite", action="store_true", help="delete the run directory first and build everything again")
 
 
@@ -381,7 +400,7 @@ def _fuse_run(a: argparse.Namespace) -> RunSummary:
 
     t0 = time.perf_counter()
     overrides = {k: v for k, v in (("output", a.output), ("train_steps", a.train_steps), ("threads", a.threads),
-                                   ("workers", a.workers), ("online", a.online or None),
+                                   ("workers", a.workers), ("online", a.online or None), ("teacher_tail", a.teacher_tail),
                                    ("progress", False if a.no_progress else None),
                                    ("clm_seeds", a.clm_seeds and tuple(a.clm_seeds)),
                                    ("fusion_seeds", a.fusion_seeds and tuple(a.fusion_seeds))) if v is not None}

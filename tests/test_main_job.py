@@ -439,3 +439,23 @@ def test_command_line_and_pretrained_errors(tmp_path):
         _pretrained_path(PretrainedSource("not-a-package", "x.gguf", 128))
     smol = preset("smollm2")
     assert isinstance(dict(smol.sources)["smollm2-135m"], PretrainedSource)
+
+
+def test_teacher_tail_bucket_beside_renormalize(smoke, tmp_path):
+    """`fusellm fuse --teacher-tail bucket` after a plain run in the same directory: the
+    teacher stores already keep the lse, so only the MinCE bucket runs are new; the report
+    sets them beside MinCE renormalised."""
+    cfg, first = smoke
+    root = tmp_path / "tail"
+    run_fuse(replace(cfg, output=str(root)), say=lambda _msg: None)
+    rep = run_fuse(replace(cfg, output=str(root), teacher_tail="bucket"), say=lambda _msg: None)
+    ran = sorted(n for n, s in rep["stages"].items() if s["ran"] and not n.startswith("["))
+    assert ran == [f"train mince-bucket-seed{s}" for s in cfg.fusion_seeds]
+    bucket = [r for r in rep["runs"] if r["teacher_tail"] == "bucket"]
+    assert [r["name"] for r in bucket] == [f"mince-bucket-seed{s}" for s in cfg.fusion_seeds]
+    assert _json(root / "train" / bucket[0]["name"] / "config.json")["teacher_tail"] == "bucket"
+    assert rep["verdict"] == first["verdict"]  # the verdict stays MinCE renormalised against CLM-only
+    t = rep["teacher_tail"]
+    assert set(t["bucket"]) == {r["name"] for r in bucket} and math.isfinite(t["difference"])
+    assert t["difference"] == pytest.approx(t["renormalize_mean"] - t["bucket_mean"])
+    assert "top-k tail" in (root / "report" / "report.md").read_text()

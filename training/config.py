@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from fusellm_kernels.types import DIVERGENCES, STRATEGIES
+from fusellm_kernels.types import DIVERGENCES, STRATEGIES, TEACHER_TAILS
 
 Mode = Literal["fusion", "clm"]
 Weighting = Literal["block", "document", "token"]
@@ -65,6 +65,9 @@ class TrainConfig:
     temperature: float = _opt(1.0, "teacher temperature T (teacher only)")
     ce_temperature: float = _opt(1.0, "τ of softmin_ce")
     divergence: str = _opt("soft_ce", f"one of {DIVERGENCES}")
+    teacher_tail: str = _opt("renormalize", "renormalize: each candidate's top-k renormalised (the original); bucket: "
+                                            "the mass outside its top-k kept as one bucket (needs stores made with "
+                                            "fusellm teacher --store-lse, and --temperature 1)")
     fusion_rows: FusionRows = _opt("labels", "rows the fusion term counts: labels (rows with a next token) or attention "
                                              "(every real row, each document's last too: the original)")
     source_weights: tuple[float, ...] = _opt((), "fixed per-candidate weights for --strategy weights (one per candidate, target first)")
@@ -133,6 +136,7 @@ class TrainConfig:
         if self.score not in ("per_byte", "reference"):
             raise bad("score", "choose one of ('per_byte', 'reference')")
         for name, allowed in (("strategy", STRATEGIES), ("divergence", DIVERGENCES), ("mode", get_args(Mode)),
+                              ("teacher_tail", TEACHER_TAILS),
                               ("weighting", get_args(Weighting)), ("attention", get_args(Attention)),
                               ("fusion_rows", get_args(FusionRows)),
                               ("param_dtype", get_args(DType)),
@@ -161,6 +165,9 @@ class TrainConfig:
         for name in ("weight_decay", "grad_clip", "eps"):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
+        if self.teacher_tail == "bucket" and self.temperature != 1.0:
+            raise bad("teacher_tail", f"bucket needs --temperature 1 (got {self.temperature}): the stored log-sum-exp is "
+                                      "the teacher's at T = 1")
         if self.strategy == "weights" and self.mode == "fusion" and not self.source_weights:
             raise bad("source_weights", "--strategy weights needs one weight per candidate")
         if self.source_weights and (self.strategy != "weights" or any(w < 0 or not math.isfinite(w) for w in self.source_weights)):
@@ -205,7 +212,7 @@ def check_device(device: str) -> None:
 
 #: fields a resumed run must share with the stored config.json (the rest, e.g. logging, may change)
 RESUME_MUST_MATCH: tuple[str, ...] = (
-    "model", "data", "mode", "strategy", "weighting", "lam", "temperature", "ce_temperature", "divergence",
+    "model", "data", "mode", "strategy", "weighting", "lam", "temperature", "ce_temperature", "divergence", "teacher_tail",
     "source_weights", "top_k", "shuffle_window", "seq_len", "global_batch", "epochs", "max_steps", "lr", "min_lr_ratio",
     "warmup_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "seed", "attention", "eval_holdout",
     "fusion_rows", "online", "corpus", "candidate", "score", "source_marker", "target_marker",

@@ -221,7 +221,9 @@ def open_online_data(cfg: Any, model_vocab: int, device: torch.device, cache_dir
     blocks = open_online(cfg.corpus, cfg.model, list(cfg.candidate) if fusion else [], block_len=cfg.seq_len,
                          top_k=cfg.top_k or 10, score=cfg.score, device=device, cache_dir=cache_dir,
                          source_markers=list(cfg.source_marker) or None, target_marker=cfg.target_marker or None,
-                         align_workers=cfg.align_workers, shard=shard, progress=cfg.progress and locks is not None)
+                         align_workers=cfg.align_workers, shard=shard, progress=cfg.progress and locks is not None,
+                         # the bucketed tail reads each row's full log-sum-exp: the live passes keep it
+                         teacher_options={"store_lse": True} if cfg.teacher_tail == "bucket" else None)
     if blocks.teachers[0].logits_size > model_vocab:
         raise DataError(f"--model {cfg.model}: its logits have {blocks.teachers[0].logits_size} columns, its config says {model_vocab}")
     eval_blocks: BlockReader | None = None
@@ -302,8 +304,20 @@ class BlockSampler:
         self.epoch, self.step_in_epoch, self._perm = int(state["epoch"]), int(state["step_in_epoch"]), None
 
 
+def check_lse(data: TrainData) -> None:
+    """`--teacher-tail bucket`: every candidate's records must carry the lse, refused before
+    the first step rather than at the first batch."""
+    sources = getattr(data.blocks, "teachers", None) or data.stores  # online: the live/stored candidates
+    for name, src in zip(data.names, sources):
+        enc = getattr(src, "encoding", None) or getattr(getattr(src, "store", None), "encoding", None)
+        if enc is not None and not enc.lse:
+            root = getattr(src, "root", name)
+            raise DataError(f"--teacher-tail bucket: candidate {name}'s teacher store {root} has no log-sum-exp; run "
+                            "`fusellm teacher` for it again with --store-lse, or use --teacher-tail renormalize")
+
+
 def make_batch(data: TrainData, indices: list[int], *, fusion: bool, weighting: str, top_k: int,
-               device: torch.device, store: BlockReader | None = None) -> TrainBatch:
+               device: torch.device, store: BlockReader | None = None, with_lse: bool = False) -> TrainBatch:
     """The `TrainBatch` of some blocks; in CLM mode (or for evaluation) with one empty teacher slot."""
     reader = store or data.blocks
     if fusion:
@@ -311,7 +325,7 @@ def make_batch(data: TrainData, indices: list[int], *, fusion: bool, weighting: 
     blocks: list[Block] = [reader[i] for i in indices]
     if fusion:
         batch = build_batch(blocks, data.stores, data.vocab_maps, weighting=weighting, k=top_k or None, device=device,
-                            empty_to_target=data.empty_to_target)
+                            empty_to_target=data.empty_to_target, with_lse=with_lse)
         reader.release(indices)
         return batch
     doc_index = torch.stack([b.doc_index for b in blocks]).long()

@@ -96,7 +96,8 @@ class FusionLM(nn.Module):
 
     def forward(self, input_ids: Tensor, position_ids: Tensor, doc_index: Tensor, labels: Tensor, teacher_ids: Tensor,
                 teacher_logits: Tensor, teacher_ce: Tensor, segment_ids: Tensor,
-                source_weights: Tensor | None, fusion_mask: Tensor | None = None) -> tuple[Tensor, FusionLossParts]:
+                source_weights: Tensor | None, fusion_mask: Tensor | None = None,
+                teacher_lse: Tensor | None = None) -> tuple[Tensor, FusionLossParts]:
         base = getattr(self.lm, self.lm.base_model_prefix)
         kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
         if self.attention == "document":
@@ -115,7 +116,8 @@ class FusionLM(nn.Module):
             hidden = hidden.reshape(*input_ids.shape, hidden.shape[-1])
         # the head by role, not by name: GPT-NeoX calls it embed_out
         return self.lm.get_output_embeddings()(hidden, labels, teacher_ids, teacher_logits, teacher_ce=teacher_ce,
-                                               segment_ids=segment_ids, source_weights=source_weights, fusion_mask=fusion_mask)
+                                               segment_ids=segment_ids, source_weights=source_weights, fusion_mask=fusion_mask,
+                                               teacher_lse=teacher_lse)
 
 
 def document_mask(doc_index: Tensor, dtype: torch.dtype) -> Tensor:

@@ -48,7 +48,7 @@ from fusellm_kernels.store.lock import LockedError, LockSet, confirm_holder
 from fusellm_kernels.store.manifest import StoreError
 from training.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from training.config import ConfigError, TrainConfig, check_resume_compatible
-from training.data import BlockSampler, Prefetcher, TrainData, check_tokenizer, make_batch, open_data, open_online_data
+from training.data import BlockSampler, Prefetcher, TrainData, check_lse, check_tokenizer, make_batch, open_data, open_online_data
 from training.metrics import MetricsLog, peak_memory_gib, plot_curves
 from training.parallel import (
     Dist, FrozenSharding, FusionLM, build_model, close_distributed, full_state_dict, init_distributed, model_flops_per_token,
@@ -133,6 +133,8 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None
         check_tokenizer(data.blocks.store, cfg.model)
         if data.eval_blocks is not None and data.eval_blocks is not data.blocks:
             check_tokenizer(data.eval_blocks.store, cfg.model)
+    if fusion and cfg.teacher_tail == "bucket":
+        check_lse(data)
     if fusion and cfg.strategy == "weights" and len(cfg.source_weights) != len(data.names):
         raise ConfigError(f"--source-weights has {len(cfg.source_weights)} values but the blocks have "
                           f"{len(data.names)} candidates {data.names}")
@@ -146,7 +148,8 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None
     param_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(
         cfg.param_dtype, torch.bfloat16 if d.device.type == "cuda" else torch.float32)
     loss_options = dict(strategy=cfg.strategy, lam=cfg.lam, temperature=cfg.temperature, ce_temperature=cfg.ce_temperature,
-                        divergence=cfg.divergence, reduction="sum", return_parts=True)
+                        divergence=cfg.divergence, reduction="sum", return_parts=True,
+                        teacher_tail=cfg.teacher_tail if fusion else "renormalize")
     if not fusion:  # CE only through the same fused head: λ = 1 and no teacher
         loss_options.update(strategy="weights", lam=1.0)
     torch.manual_seed(cfg.seed)
@@ -180,7 +183,8 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None
 
     # 4. The loop.
     progress = _progress(cfg.progress and d.is_main, state.step, steps_total)
-    prefetch = Prefetcher(lambda ix: make_batch(data, ix, fusion=fusion, weighting=cfg.weighting, top_k=cfg.top_k, device=d.device),
+    prefetch = Prefetcher(lambda ix: make_batch(data, ix, fusion=fusion, weighting=cfg.weighting, top_k=cfg.top_k, device=d.device,
+                                                with_lse=fusion and cfg.teacher_tail == "bucket"),
                           # sharded candidates gather their layers over a group of their own; run from the
                           # prefetch thread, those collectives interleaved with training's and gloo mixed
                           # the two groups' messages (a size mismatch, then an abort): they run in step here
@@ -307,8 +311,11 @@ def _forward(model: FusionLM, batch, weights: torch.Tensor, fusion_rows: str = "
     if model.lm.get_output_embeddings().loss.options["strategy"] == "weights":  # CLM's head too
         source_weights = (weights if s == weights.numel() else torch.zeros(s, device=weights.device))[:, None].expand(s, n)
     fusion_mask = batch.attention_mask.reshape(-1) if fusion_rows == "attention" else None
+    teacher_lse = batch.teacher_lse
+    if teacher_lse is None and model.lm.get_output_embeddings().loss.options["teacher_tail"] == "bucket":
+        teacher_lse = torch.full((s, n), float("nan"), device=batch.teacher_ce.device)  # evaluation's empty teacher
     return model(batch.input_ids, batch.position_ids, batch.doc_index, batch.labels.reshape(-1), batch.teacher_ids,
-                 batch.teacher_logits, batch.teacher_ce, batch.segment_ids, source_weights, fusion_mask)
+                 batch.teacher_logits, batch.teacher_ce, batch.segment_ids, source_weights, fusion_mask, teacher_lse)
 
 
 @torch.no_grad()

@@ -114,6 +114,8 @@ class FuseConfig:
     # online fusion: the candidates run inside training (no teacher store, align or assemble
     # for the training part; the held-out blocks are still assembled, target only)
     online: bool = False
+    # the top-k tail: "bucket" also trains MinCE (the fusion seeds) with --teacher-tail bucket
+    teacher_tail: str = "renormalize"
     # execution: independent stages run `workers` at a time, `threads` torch threads each
     workers: int = 2
     threads: int = 1
@@ -234,7 +236,7 @@ class FuseConfig:
 
 #: the `fusellm fuse` flags, by FuseConfig field
 _FLAGS = {"train_steps": "--train-steps", "workers": "--workers", "threads": "--threads", "clm_seeds": "--clm-seeds",
-          "online": "--online",
+          "online": "--online", "teacher_tail": "--teacher-tail",
           "fusion_seeds": "--fusion-seeds", "output": "--output", "preset": "--preset"}
 
 #: (stage, the stage's flag) -> the FuseConfig field that sets it (see the _*_cfg builders)
@@ -566,9 +568,10 @@ def _teacher_cfg(cfg: FuseConfig, root: Path, name: str, part: str) -> Any:
     from fusellm_kernels.pipeline.teacher_pass import TeacherConfig
 
     out = root / "teacher" / (name if part == "train" else f"{name}-{part}")
+    # the lse is always kept (4 bytes a token): --teacher-tail bucket then adds its runs, not new teacher passes
     return TeacherConfig(corpus=str(root / "prepared" / part), model=str(root / "models" / name), output=str(out),
                          top_k=cfg.top_k, max_length=dict(cfg.models)[name].context, overflow=cfg.teacher_overflow,
-                         docs_per_shard=512, batch_tokens=8192, device="cpu", progress=False)
+                         docs_per_shard=512, batch_tokens=8192, device="cpu", progress=False, store_lse=True)
 
 
 def _align_cfg(cfg: FuseConfig, root: Path, name: str) -> Any:
@@ -590,13 +593,17 @@ def _assemble_cfg(cfg: FuseConfig, root: Path, part: str) -> Any:
                           progress=False)
 
 
-def _train_plan(cfg: FuseConfig) -> list[tuple[str, str, str, int]]:
-    """(run name, mode, strategy, seed) of every training run."""
-    plan = [(f"clm-seed{s}", "clm", "min_ce", s) for s in cfg.clm_seeds]
-    return plan + [(f"{st.replace('_', '')}-seed{s}", "fusion", st, s) for st in cfg.strategies for s in cfg.fusion_seeds]
+def _train_plan(cfg: FuseConfig) -> list[tuple[str, str, str, int, str]]:
+    """(run name, mode, strategy, seed, teacher tail) of every training run."""
+    plan = [(f"clm-seed{s}", "clm", "min_ce", s, "renormalize") for s in cfg.clm_seeds]
+    plan += [(f"{st.replace('_', '')}-seed{s}", "fusion", st, s, "renormalize") for st in cfg.strategies for s in cfg.fusion_seeds]
+    if cfg.teacher_tail == "bucket":
+        plan += [(f"mince-bucket-seed{s}", "fusion", "min_ce", s, "bucket") for s in cfg.fusion_seeds]
+    return plan
 
 
-def _train_cfg(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str, seed: int) -> Any:
+def _train_cfg(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str, seed: int,
+               teacher_tail: str = "renormalize") -> Any:
     from training.config import TrainConfig
 
     # online: the live teacher pass keeps cfg.top_k slots (offline, the stores hold that many: top_k=0 takes them all)
@@ -611,7 +618,7 @@ def _train_cfg(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str,
         param_dtype="float32", attention=cfg.attention, fusion_rows=cfg.fusion_rows, log_every=max(1, cfg.train_steps // 6),
         eval_every=cfg.eval_every, eval_batches=cfg.eval_blocks, checkpoint_every=max(1, cfg.train_steps // 2), keep_checkpoints=1, export=True,
         progress=False, plot=False,  # the job shows one bar for all runs; the report draws every run's curves
-        **online,
+        teacher_tail=teacher_tail, **online,
     )
 
 
@@ -705,13 +712,14 @@ def _job_teacher(tcfg: Any) -> dict[str, Any]:
     return run_teacher_pass(tcfg).to_json()
 
 
-def _job_train(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str, seed: int) -> dict[str, Any]:
+def _job_train(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str, seed: int,
+               teacher_tail: str = "renormalize") -> dict[str, Any]:
     from training.config import TrainConfig
     from training.metrics import read_metrics
     from training.train import train
 
     out = root / "train" / name
-    tc = _train_cfg(cfg, root, name, mode, strategy, seed)
+    tc = _train_cfg(cfg, root, name, mode, strategy, seed, teacher_tail)
     if (out / "config.json").exists():
         # this stage re-runs because its settings changed (else it would be cached), or it was
         # interrupted: a run of other settings starts over, an interrupted one resumes
@@ -738,7 +746,7 @@ def _job_train(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str,
             wins[cand] = wins.get(cand, 0) + int(w)
         for cand, w in r.get("weight_mass", {}).items():
             mass[cand] = mass.get(cand, 0.0) + float(w)
-    return {"name": name, "mode": mode, "strategy": strategy if mode == "fusion" else None, "seed": seed,
+    return {"name": name, "mode": mode, "strategy": strategy if mode == "fusion" else None, "seed": seed, "teacher_tail": teacher_tail,
             "steps": result["step"], "tokens": sum(int(r["tokens"]) for r in steps),
             "trainer_eval_curve": [(r["step"], r["eval_ppl"]) for r in evals],
             "ce_curve": [(r["step"], r["ce"]) for r in steps], "fusion_curve": [(r["step"], r["fusion"]) for r in steps],
@@ -882,11 +890,11 @@ def _run(cfg: FuseConfig, root: Path, stages: _Stages, say: Callable[[str], None
                  cfg.attention, cfg.fusion_rows, cfg.warmup_ratio, cfg.eval_every, cfg.eval_blocks, cfg.target.context,
                  *((cfg.online, cfg.top_k, cfg.score) if cfg.online else ()))
     plan = _train_plan(cfg)
-    jobs = [Job(f"train {name}", (train_key, mode, strategy, seed), (root / "train" / name / "metrics.jsonl",), _job_train,
-                (cfg, root, name, mode, strategy, seed),
+    jobs = [Job(f"train {name}", (train_key, mode, strategy, seed, tail), (root / "train" / name / "metrics.jsonl",), _job_train,
+                (cfg, root, name, mode, strategy, seed, tail),
                 after=(*[f"assemble {p}" for p in _assembled_parts(cfg)], "model target",
                        *(["prepare train", *[f"model {n}" for n, _ in cfg.sources]] if cfg.online else [])),
-                steps=cfg.train_steps) for name, mode, strategy, seed in plan]
+                steps=cfg.train_steps) for name, mode, strategy, seed, tail in plan]
     trained = stages.run_group("training runs", jobs)
     runs = [trained[f"train {name}"] for name, *_ in plan]
     for r in runs:

@@ -57,14 +57,8 @@ def bootstrap(runs: dict[str, dict[str, Any]], clm: list[str], mince: list[str],
     """Resample held-out documents with replacement (the same resample for every run):
     each run's perplexity spread, and the verdict's margin best(CLM) − mean(MinCE) with its
     95 % interval. Deterministic (fixed generator)."""
-    names = list(runs)
-    nll = torch.tensor([runs[n]["nll"] for n in names], dtype=torch.float64)        # [R, D]
-    tok = torch.tensor([runs[n]["tokens"] for n in names], dtype=torch.float64)     # [R, D]
+    names, nll, tok, ppl = _resampled(runs, samples, seed)
     docs = nll.shape[1]
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, docs, (samples, docs), generator=g)
-    counts = torch.zeros(samples, docs, dtype=torch.float64).scatter_add_(1, idx, torch.ones(samples, docs, dtype=torch.float64))
-    ppl = torch.exp((counts @ nll.T) / (counts @ tok.T))                             # [B, R]
     col = {n: i for i, n in enumerate(names)}
     margin = ppl[:, [col[n] for n in clm]].min(1).values - ppl[:, [col[n] for n in mince]].mean(1)
     lo, hi = torch.quantile(margin, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
@@ -76,6 +70,34 @@ def bootstrap(runs: dict[str, dict[str, Any]], clm: list[str], mince: list[str],
             "ppl_std": {n: float(ppl[:, col[n]].std()) for n in names},
             "vs_best_clm_pct_std": {n: float(rel[:, col[n]].std()) for n in names},
             "margin_std": float(margin.std()), "margin_95": [lo, hi]}
+
+
+def _resampled(runs: dict[str, dict[str, Any]], samples: int, seed: int):
+    """(names, nll [R, D], tokens [R, D], perplexity [B, R]) over `samples` resamples of the
+    held-out documents, the same resample for every run."""
+    names = list(runs)
+    nll = torch.tensor([runs[n]["nll"] for n in names], dtype=torch.float64)        # [R, D]
+    tok = torch.tensor([runs[n]["tokens"] for n in names], dtype=torch.float64)     # [R, D]
+    docs = nll.shape[1]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, docs, (samples, docs), generator=g)
+    counts = torch.zeros(samples, docs, dtype=torch.float64).scatter_add_(1, idx, torch.ones(samples, docs, dtype=torch.float64))
+    return names, nll, tok, torch.exp((counts @ nll.T) / (counts @ tok.T))
+
+
+def tail_comparison(runs: dict[str, dict[str, Any]], renorm: list[str], bucket: list[str], *,
+                    samples: int = BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
+    """MinCE renormalised vs MinCE with the bucketed tail (same seeds): the mean perplexities,
+    the difference renormalised − bucket (> 0: the tail helps) and its evaluation noise."""
+    names, _, _, ppl = _resampled(runs, samples, seed)
+    col = {n: i for i, n in enumerate(names)}
+    diff = ppl[:, [col[n] for n in renorm]].mean(1) - ppl[:, [col[n] for n in bucket]].mean(1)
+    lo, hi = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    m_r = sum(runs[n]["perplexity"] for n in renorm) / len(renorm)
+    m_b = sum(runs[n]["perplexity"] for n in bucket) / len(bucket)
+    return {"renormalize": {n: runs[n]["perplexity"] for n in renorm}, "bucket": {n: runs[n]["perplexity"] for n in bucket},
+            "renormalize_mean": m_r, "bucket_mean": m_b, "difference": m_r - m_b, "relative": (m_r - m_b) / m_r,
+            "difference_std": float(diff.std()), "difference_95": [lo, hi]}
 
 
 def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
@@ -95,8 +117,9 @@ def _plot(rep: dict[str, Any], runs: list[dict[str, Any]], png: Path) -> Path:
 
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), constrained_layout=True)
     colors = {"clm": "tab:gray", "min_ce": "tab:blue", "avg_ce": "tab:orange", "softmin_ce": "tab:green"}
-    group = lambda r: "clm" if r["mode"] == "clm" else r["strategy"]  # noqa: E731
-    labels = {"clm": "CLM-only", "min_ce": "MinCE", "avg_ce": "AvgCE", "softmin_ce": "SoftminCE"}
+    colors["min_ce bucket"] = "tab:purple"
+    group = lambda r: "clm" if r["mode"] == "clm" else r["strategy"] + (" bucket" if r.get("teacher_tail") == "bucket" else "")  # noqa: E731
+    labels = {"clm": "CLM-only", "min_ce": "MinCE", "avg_ce": "AvgCE", "softmin_ce": "SoftminCE", "min_ce bucket": "MinCE, top-k tail"}
     v, noise = rep["verdict"], rep["evaluation_noise"]
     best = v["clm_best"]
 
@@ -240,6 +263,16 @@ def _markdown(rep: dict[str, Any]) -> str:
         m.append(f"| blocks (train) | | {rep['blocks']['train']['bytes_per_token']:.1f} | {rep['blocks']['train']['tokens']:,} |")
     else:  # online: only the held-out part was stored
         m.append("| (online: nothing stored for the training text) | | | |")
+    if rep.get("teacher_tail"):
+        t = rep["teacher_tail"]
+        m += ["", "## The top-k tail (`--teacher-tail bucket`)", "",
+              "MinCE with each teacher's mass outside its top-k kept as one bucket (`fusellm train --teacher-tail "
+              "bucket`) against MinCE renormalised over the top-k (the original), same seeds and steps.", "",
+              "| MinCE | runs | mean perplexity | training seconds (all seeds) |", "|---|---|---:|---:|",
+              f"| renormalize | {', '.join(t['renormalize'])} | {t['renormalize_mean']:.3f} | {t['train_seconds']['renormalize']:.1f} |",
+              f"| bucket | {', '.join(t['bucket'])} | {t['bucket_mean']:.3f} | {t['train_seconds']['bucket']:.1f} |", "",
+              f"Renormalize − bucket = {t['difference']:+.3f} ({t['relative']:+.2%}; > 0: the tail helps), evaluation noise "
+              f"± {t['difference_std']:.3f}, 95 % interval [{t['difference_95'][0]:.3f}, {t['difference_95'][1]:.3f}]."]
     if rep.get("online"):
         m += ["", "## Online training: where each run's time went", "",
               "Candidates and alignment run on the prefetch thread while the previous micro-batch trains; "
@@ -313,7 +346,9 @@ def write_report(root: Path, *, cfg: Any, corpus: dict[str, Any], models: dict[s
 
     scores = {r["name"]: r["heldout"] for r in runs}
     clm = [r["name"] for r in runs if r["mode"] == "clm"]
-    mince = [r["name"] for r in runs if r["mode"] == "fusion" and r["strategy"] == "min_ce"]
+    renormalized = lambda r: r.get("teacher_tail", "renormalize") == "renormalize"  # noqa: E731
+    mince = [r["name"] for r in runs if r["mode"] == "fusion" and r["strategy"] == "min_ce" and renormalized(r)]
+    mince_bucket = [r["name"] for r in runs if r["mode"] == "fusion" and r["strategy"] == "min_ce" and not renormalized(r)]
     if not mince:
         raise ValueError("the report's verdict needs MinCE runs (strategies must include min_ce)")
     v = verdict([scores[n]["perplexity"] for n in clm], [scores[n]["perplexity"] for n in mince], tiny=cfg.tiny)
@@ -323,6 +358,7 @@ def write_report(root: Path, *, cfg: Any, corpus: dict[str, Any], models: dict[s
     for r in runs:
         paired = clm_by_seed.get(r["seed"]) if r["mode"] == "fusion" else None
         run_rows.append({"name": r["name"], "mode": r["mode"], "strategy": r["strategy"], "seed": r["seed"], "steps": r["steps"],
+                         "teacher_tail": r.get("teacher_tail", "renormalize"),
                          "tokens": r["tokens"], "perplexity": r["heldout"]["perplexity"],
                          "bits_per_byte": r["heldout"]["bits_per_byte"],
                          "vs_same_seed_clm": None if paired is None else r["heldout"]["perplexity"] - paired,
@@ -353,6 +389,10 @@ def write_report(root: Path, *, cfg: Any, corpus: dict[str, Any], models: dict[s
         "wall_seconds": wall_seconds, "bytes_written": bytes_written, "bytes_total": bytes_total,
         "files": {"json": str(out / "report.json"), "markdown": str(out / "report.md"), "curves": str(out / "curves.png")},
     }
+    if mince_bucket:
+        tail = tail_comparison(scores, mince, mince_bucket)
+        seconds = lambda names: sum(stages.get(f"train {n}", {}).get("seconds", 0.0) for n in names)  # noqa: E731
+        rep["teacher_tail"] = {**tail, "train_seconds": {"renormalize": seconds(mince), "bucket": seconds(mince_bucket)}}
     if online:
         rep["online"] = {r["name"]: r["online"] for r in runs}
     else:

@@ -3,6 +3,7 @@
     model = fuse_causal_lm(AutoModelForCausalLM.from_pretrained(path), strategy="min_ce", lam=0.9)
     out = model(input_ids, attention_mask=mask, labels=input_ids,
                 teacher_ids=ids, teacher_logits=logits, teacher_ce=ce)   # out.loss; out.logits is None
+    # the top-k tail: fuse_causal_lm(model, teacher_tail="bucket"), then also pass teacher_lse=lse [S, B, T]
 
 The model's lm_head becomes a `FusionHead` sharing its parameters (tied embeddings stay
 tied), and its forward, when given teacher tensors, runs the decoder and the fused linear
@@ -22,7 +23,7 @@ from torch import nn
 
 from fusellm_kernels.losses import FusionHead
 
-_TEACHER_KEYS = ("teacher_ce", "segment_ids", "source_weights", "fusion_mask")
+_TEACHER_KEYS = ("teacher_ce", "segment_ids", "source_weights", "fusion_mask", "teacher_lse")
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:

@@ -24,6 +24,10 @@ Weighting = Literal["block", "document", "token"]
 WEIGHTINGS: tuple[str, ...] = ("block", "document", "token")
 
 
+class MissingLseError(ValueError):
+    """A candidate's teacher store holds no log-sum-exp but the loss needs it."""
+
+
 @dataclass(frozen=True)
 class TrainBatch:
     """Everything one step needs, on one device (B blocks of L rows, S candidates, K slots).
@@ -36,6 +40,8 @@ class TrainBatch:
     doc_index: int64 [B, L], the piece of each row within its block (−1 padding).
     teacher_ids: int32 [S, B·L, K]; teacher_logits: float32 [S, B·L, K]; teacher_ce: float32 [S, B·L].
     attention_mask: bool [B, L], real (non-padding) rows.
+    teacher_lse: float32 [S, B·L], each candidate's stored full-vocabulary log-sum-exp of the
+        row it took (NaN at fallback and empty rows), or None (asked for with `with_lse`).
     """
 
     input_ids: Tensor
@@ -47,6 +53,7 @@ class TrainBatch:
     teacher_ids: Tensor
     teacher_logits: Tensor
     teacher_ce: Tensor
+    teacher_lse: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -82,9 +89,13 @@ def build_batch(
     device: torch.device | str = "cpu",
     backend: str = "auto",
     empty_to_target: bool = False,
+    with_lse: bool = False,
 ) -> TrainBatch:
     """Stack blocks and build their teacher tensors. stores[s] / vocab_maps[s] belong to
     candidate s of the blocks (vocab map None for the target model itself).
+
+    with_lse: also gather each row's stored lse by the same source rows (`teacher_tail="bucket"`);
+    a store made without `fusellm teacher --store-lse` is refused.
 
     empty_to_target: the original's rule for an aligned row none of whose top-k ids has a
     target counterpart: it takes candidate 0's (the target model's) distribution. Off, such
@@ -99,7 +110,7 @@ def build_batch(
     doc_index = torch.stack([blk.doc_index for blk in blocks]).long()
     b, length = doc_index.shape
 
-    tables_ids, tables_logits, source_rows = [], [], []
+    tables_ids, tables_logits, tables_lse, source_rows = [], [], [], []
     for s in range(s_count):
         records: dict[int, TeacherRecord] = {}
         base: dict[int, int] = {}
@@ -123,6 +134,12 @@ def build_batch(
         kc = stores[s].k
         tables_ids.append(torch.cat([r.topk_ids for r in recs]) if recs else torch.zeros(0, kc, dtype=torch.int64))
         tables_logits.append(torch.cat([r.topk_logits for r in recs]) if recs else torch.zeros(0, kc))
+        if with_lse:
+            if any(r.lse is None for r in recs):
+                raise MissingLseError(
+                    f"candidate {s}'s teacher store {stores[s].root} has no log-sum-exp: --teacher-tail bucket needs "
+                    "one; run `fusellm teacher` for that model again with --store-lse (or use --teacher-tail renormalize)")
+            tables_lse.append(torch.cat([r.lse for r in recs]) if recs else torch.zeros(0))
         source_rows.append(torch.stack(rows_s).reshape(-1))
 
     fallback = torch.stack([blk.fallback_id for blk in blocks], dim=1).reshape(s_count, -1)
@@ -131,12 +148,21 @@ def build_batch(
         torch.stack(source_rows).to(device), fallback.to(device),
         [None if m is None else m.to(device) for m in vocab_maps], k=k, backend=backend,
     )
+    teacher_lse = None
+    if with_lse:
+        # by the gather's rows: NaN where a row takes no stored row (a one-hot fallback renormalises)
+        teacher_lse = torch.stack([
+            torch.where(rows >= 0, table[rows.clamp_min(0)] if table.numel() else torch.zeros(rows.shape), float("nan"))
+            for table, rows in zip(tables_lse, source_rows)
+        ]).float().to(device)
     if empty_to_target:
         rows = torch.stack(source_rows).to(device)
         for s in range(1, s_count):
             empty = ((rows[s] >= 0) & (teacher_ids[s] < 0).all(-1))[:, None]
             teacher_ids[s] = torch.where(empty, teacher_ids[0], teacher_ids[s])
             teacher_logits[s] = torch.where(empty, teacher_logits[0], teacher_logits[s])
+            if teacher_lse is not None:
+                teacher_lse[s] = torch.where(empty[:, 0], teacher_lse[0], teacher_lse[s])
     if weighting == "block":
         teacher_ce = torch.stack([blk.block_ce for blk in blocks], dim=1)[:, :, None].expand(s_count, b, length)
     else:
@@ -155,4 +181,5 @@ def build_batch(
         teacher_ids=teacher_ids,
         teacher_logits=teacher_logits,
         teacher_ce=teacher_ce.reshape(s_count, -1).float().to(device),
+        teacher_lse=teacher_lse,
     )
