@@ -11,6 +11,12 @@ Markers and byte conventions are detected from each tokenizer (`--source-marker`
 `--target-marker` set them by hand). Resumable by shard; shards run in parallel worker
 processes (`--workers`). The manifest records tokenizers, markers, mode, counts and the
 fraction of target rows that got a real teacher distribution.
+
+`--method pta` (probabilistic token alignment, `fusellm_kernels.align.pta`) keeps the MinED
+pairing and turns each paired row into the teacher an optimal-transport plan between the
+source's and the target's top-k gives; the shards then hold finished rows in target ids
+(aligned-rows shards), and the manifest records Sinkhorn's convergence. Documents of a shard
+are solved together, in batches of up to `PTA_BATCH_ROWS` target rows.
 """
 from __future__ import annotations
 
@@ -21,12 +27,14 @@ from typing import Any
 
 import torch
 
+from fusellm_kernels.align.pta import PtaSettings
 from fusellm_kernels.pipeline.summary import RunSummary
-from fusellm_kernels.store.alignment import DocAlignment, write_alignment_manifest, write_alignment_shard
+from fusellm_kernels.store.alignment import METHODS, DocAlignment, write_alignment_manifest, write_alignment_shard
 from fusellm_kernels.store.format import TeacherStore
 from fusellm_kernels.store.lock import LockSet, clear_directory
 from fusellm_kernels.store.records import TeacherRecord
 from fusellm_kernels.store.manifest import (
+    SettingsMismatchError,
     ShardInfo,
     StoreError,
     check_same_settings,
@@ -55,17 +63,31 @@ class AlignConfig:
     overwrite: bool = False
     progress: bool = True
     verify: bool = True  # check every input shard's SHA-256 before its first use (--no-verify: unsafe)
+    method: str = "minED"  # or "pta": optimal-transport aligned rows
+    pta_top_k: int = 10  # K', the authors' logits_number
+    pta_lambda: float = 30.0  # inverse entropic regulariser, the authors' lam
+    pta_tolerance: float = 1e-5  # Sinkhorn's row marginal error, the authors' epsilon
+    pta_max_iter: int = 1000
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
             ("vocab-align", self.vocab_align, ("hard", "soft")),
             ("fallback", self.fallback, ("next", "current")),
             ("normalization", self.normalization, ("markers", "text")),
+            ("method", self.method, METHODS),
         ):
             if value not in allowed:
                 raise StoreError(f"--{name} {value!r}: choose one of {allowed}")
         if self.workers < 1:
             raise StoreError(f"--workers {self.workers} must be at least 1")
+        try:
+            self.pta_settings()
+        except ValueError as e:
+            raise StoreError(str(e)) from None
+
+    def pta_settings(self) -> PtaSettings:
+        return PtaSettings(top_k=self.pta_top_k, lam=self.pta_lambda, tol=self.pta_tolerance,
+                           max_iter=self.pta_max_iter, reference=self.reference)
 
 
 def _tokenizer(store: TeacherStore) -> Any:
@@ -97,7 +119,21 @@ def _settings(cfg: AlignConfig, target: TeacherStore, source: TeacherStore) -> d
         "source_store": source.manifest["settings_hash"],
         "vocab_align": cfg.vocab_align, "fallback": cfg.fallback, "reference": cfg.reference,
         "normalization": cfg.normalization, "source_marker": cfg.source_marker, "target_marker": cfg.target_marker,
+        # only PTA adds keys: MinED alignments keep the settings (and hash) they always had
+        **({"method": "pta", "pta_top_k": cfg.pta_top_k, "pta_lambda": cfg.pta_lambda,
+            "pta_tolerance": cfg.pta_tolerance, "pta_max_iter": cfg.pta_max_iter} if cfg.method == "pta" else {}),
     }
+
+
+def _check_same_method(stored: dict[str, Any], cfg: AlignConfig, where: Path) -> None:
+    method = stored.get("method", "minED")
+    if method != cfg.method:
+        raise SettingsMismatchError(
+            f"{where} was aligned with --method {method}, but this run asks for --method {cfg.method}; resume with "
+            f"--method {method}, or write to another --output (or pass --overwrite to discard the stored shards)")
+
+
+PTA_BATCH_ROWS = 32768  # target rows per batched Sinkhorn call: ~40 MB of working tensors at K' = 10
 
 
 class DocumentAligner:
@@ -109,7 +145,7 @@ class DocumentAligner:
     def __init__(self, target_tok: Any, source_tok: Any, *, target_logits_size: int, source_logits_size: int,
                  vocab_align: str = "soft", fallback: str = "next", reference: bool = False,
                  normalization: str = "markers", source_marker: str | None = None, target_marker: str | None = None,
-                 vocab_map: torch.Tensor | None = None) -> None:
+                 vocab_map: torch.Tensor | None = None, method: str = "minED", pta: PtaSettings | None = None) -> None:
         from fusellm_kernels.align import detect_conventions, soft_lookup
         from fusellm_kernels.align import vocab_map as make_vocab_map
 
@@ -128,9 +164,68 @@ class DocumentAligner:
         if vocab_align == "soft":
             self.lookup = soft_lookup(vocab_map, source_tok.get_vocab(), target_tok.get_vocab(),
                                       source_marker=self.source_conv.marker, target_marker=self.target_conv.marker)
+        self.method = method
+        self.pta = (pta or PtaSettings(reference=reference)) if method == "pta" else None
+        self.token_cost = None
+        if self.pta is not None:
+            from fusellm_kernels.align import vocab_list
+            from fusellm_kernels.align.pta import TokenCost
+
+            # the authors strip the source's marker from mapped strings (already target tokens)
+            strip = (self.source_conv.marker, self.target_conv.marker) if self.pta.reference else ("", "")
+            self.token_cost = TokenCost(vocab_list(target_tok.get_vocab()), strip_rows=strip[0], strip_cols=strip[1])
+
+    def align_documents(self, pairs: list[tuple[TeacherRecord, TeacherRecord]]) -> tuple[list[DocAlignment], dict[str, Any]]:
+        """Align many documents (target and source record of each, paired by the caller):
+        MinED position maps, or with method pta the aligned rows, whose Sinkhorn problems are
+        solved together in batches of up to PTA_BATCH_ROWS rows. Returns the alignments and,
+        for pta, Sinkhorn's record (`sinkhorn_stats`)."""
+        maps = [self.align(t, s) for t, s in pairs]
+        if self.pta is None:
+            return maps, {}
+        out: list[DocAlignment] = []
+        errors, iterations, converged = [], [], []
+        start = 0
+        while start < len(pairs):
+            stop, rows = start + 1, pairs[start][0].num_tokens
+            while stop < len(pairs) and rows + pairs[stop][0].num_tokens <= PTA_BATCH_ROWS:
+                rows += pairs[stop][0].num_tokens
+                stop += 1
+            done, stats = self._pta_batch(pairs[start:stop], maps[start:stop])
+            out += done
+            errors.append(stats.marginal_error)
+            iterations.append(stats.iterations)
+            converged.append(stats.converged)
+            start = stop
+        return out, sinkhorn_stats(torch.cat(errors) if errors else torch.zeros(0),
+                                   torch.cat(iterations) if iterations else torch.zeros(0, dtype=torch.int32),
+                                   torch.cat(converged) if converged else torch.zeros(0, dtype=torch.bool))
+
+    def _pta_batch(self, pairs: list[tuple[TeacherRecord, TeacherRecord]], maps: list[DocAlignment]) -> tuple[list[DocAlignment], Any]:
+        from fusellm_kernels.align.pta import pta_teacher_rows
+
+        assert self.pta is not None and self.token_cost is not None
+        bases = torch.tensor([0] + [s.num_tokens for _, s in pairs]).cumsum(0)
+        source_rows = torch.cat([torch.where(m.source_pos >= 0, m.source_pos.long() + int(b), -1)
+                                 for m, b in zip(maps, bases.tolist())])
+        rows = pta_teacher_rows(
+            source_rows, torch.cat([m.fallback_id for m in maps]),
+            torch.cat([t.topk_ids for t, _ in pairs]), torch.cat([t.topk_logits for t, _ in pairs]),
+            torch.cat([s.topk_ids for _, s in pairs]), torch.cat([s.topk_logits for _, s in pairs]),
+            self.vocab_map, self.token_cost, self.pta,
+            transport=not (self.pta.reference and self.vocab_align == "hard"),  # the authors' hard branch: MinED
+        )
+        out, start = [], 0
+        for m in maps:
+            n = m.source_pos.numel()
+            out.append(DocAlignment(m.doc_id, m.source_pos, m.fallback_id, rows.ids[start:start + n].clone(),
+                                    rows.logits[start:start + n].clone()))
+            start += n
+        return out, rows
 
     def align(self, trec: TeacherRecord, srec: TeacherRecord) -> DocAlignment:
-        """The position map of the document both records hold (the caller pairs them)."""
+        """The position map of the document both records hold (the caller pairs them); also
+        the pairing PTA starts from."""
         return self.align_ids(trec.doc_id, trec.input_ids.tolist(), srec.input_ids.tolist())
 
     def align_ids(self, doc_id: int, target_ids: list[int], source_ids: list[int]) -> DocAlignment:
@@ -163,11 +258,18 @@ class _Aligner:
             vocab_align=cfg.vocab_align, fallback=cfg.fallback, reference=cfg.reference, normalization=cfg.normalization,
             source_marker=cfg.source_marker, target_marker=cfg.target_marker,
             vocab_map=load_vocab_map(Path(cfg.output)) if vocab_path.exists() else None,
+            method=cfg.method, pta=cfg.pta_settings(),
         )
         self.vocab_map = self.aligner.vocab_map
         self.target_conv, self.source_conv = self.aligner.target_conv, self.aligner.source_conv
 
+    def documents(self, doc_ids: list[int]) -> tuple[list[DocAlignment], dict[str, Any]]:
+        return self.aligner.align_documents([self.records(d) for d in doc_ids])
+
     def document(self, doc_id: int) -> DocAlignment:
+        return self.aligner.align(*self.records(doc_id))
+
+    def records(self, doc_id: int) -> tuple[TeacherRecord, TeacherRecord]:
         trec = self.target.get(doc_id)
         try:
             srec = self.source.get(doc_id)
@@ -176,7 +278,7 @@ class _Aligner:
         if srec.text_hash != trec.text_hash:
             raise StoreError(f"document {doc_id} holds different texts in {self.target.root} and {self.source.root}: "
                              "the stores were made from different corpora")
-        return self.aligner.align(trec, srec)
+        return trec, srec
 
 
 _WORKER: _Aligner | None = None
@@ -226,12 +328,13 @@ def _align_shard(args: tuple[int, list[int]]) -> dict[str, Any]:
     i, doc_ids = args
     assert _WORKER is not None
     out = Path(_WORKER.cfg.output)
-    docs = [_WORKER.document(d) for d in doc_ids]
+    docs, stats = _WORKER.documents(doc_ids)
     rel = f"shards/align-{i:05d}.safetensors"
     sha, size = write_alignment_shard(out / rel, docs)
     info = ShardInfo(i, rel, sha, size, documents=len(docs), tokens=sum(d.source_pos.numel() for d in docs),
                      first_doc_id=min(doc_ids, default=0), last_doc_id=max(doc_ids, default=0),
-                     extra={"aligned_rows": sum(d.aligned for d in docs)})
+                     extra={"aligned_rows": sum(d.aligned for d in docs), **stats,
+                            **({"row_width": int(docs[0].row_ids.shape[1])} if docs and docs[0].row_ids is not None else {})})
     write_json_atomic(out / "shards" / f"align-{i:05d}.json", info.to_json())
     return info.to_json()
 
@@ -274,7 +377,9 @@ def _run_align(cfg: AlignConfig, target: TeacherStore, source: TeacherStore, t0:
     settings = _settings(cfg, target, source)
     spath = out / "settings.json"
     if spath.exists():
-        check_same_settings(read_json(spath), settings, spath)
+        stored = read_json(spath)
+        _check_same_method(stored, cfg, spath)
+        check_same_settings(stored, settings, spath)
     else:
         write_json_atomic(spath, settings)
 
@@ -323,10 +428,45 @@ def _run_align(cfg: AlignConfig, target: TeacherStore, source: TeacherStore, t0:
         "vocab_map": vocab_path.name, "vocab_map_sha256": read_json(out / VOCAB_MAP_RECORD)["sha256"],
         "vocab_map_mapped_fraction": float((aligner.vocab_map >= 0).float().mean()),
         "settings": settings, "settings_hash": settings_hash(settings),
+        "method": cfg.method,
+        **({"pta": {**asdict(cfg.pta_settings()), "width": _row_width(shards)},
+            "sinkhorn": merge_sinkhorn_stats([s.extra for s in shards])} if cfg.method == "pta" else {}),
     })
     counts = manifest["counts"]
     return RunSummary(
         stage="align", documents=counts["documents"], tokens=counts["rows"],
         bytes_written=sum(s.size_bytes for s in shards) + vocab_path.stat().st_size, seconds=time.perf_counter() - t0,
-        extra={"aligned_fraction": round(counts["aligned_fraction"], 4), "workers": cfg.workers},
+        extra={"aligned_fraction": round(counts["aligned_fraction"], 4), "workers": cfg.workers, "method": cfg.method,
+               "bytes_per_token": manifest["bytes_per_token"],
+               **({"transported_fraction": round(manifest["sinkhorn"]["problems"] / counts["rows"], 4) if counts["rows"] else 0.0,
+                   "sinkhorn_max_error": manifest["sinkhorn"]["max_marginal_error"],
+                   "sinkhorn_mean_iterations": manifest["sinkhorn"]["mean_iterations"]} if cfg.method == "pta" else {})},
     )
+
+
+def sinkhorn_stats(errors: torch.Tensor, iterations: torch.Tensor, converged: torch.Tensor) -> dict[str, Any]:
+    """One shard's Sinkhorn record (plain JSON numbers; `merge_sinkhorn_stats` adds shards up)."""
+    n = int(errors.numel())
+    return {"sinkhorn_problems": n, "sinkhorn_error_sum": float(errors.double().sum()) if n else 0.0,
+            "sinkhorn_max_error": float(errors.max()) if n else 0.0,
+            "sinkhorn_iterations_sum": int(iterations.long().sum()) if n else 0,
+            "sinkhorn_max_iterations": int(iterations.max()) if n else 0,
+            "sinkhorn_not_converged": int((~converged).sum()) if n else 0}
+
+
+def merge_sinkhorn_stats(extras: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's `sinkhorn` section: problems (transported rows), max / mean row marginal
+    error, mean / max iterations, and how many problems stopped at the cap unconverged."""
+    n = sum(int(e.get("sinkhorn_problems", 0)) for e in extras)
+    return {
+        "problems": n,
+        "max_marginal_error": max((float(e.get("sinkhorn_max_error", 0.0)) for e in extras), default=0.0),
+        "mean_marginal_error": sum(float(e.get("sinkhorn_error_sum", 0.0)) for e in extras) / n if n else 0.0,
+        "mean_iterations": round(sum(int(e.get("sinkhorn_iterations_sum", 0)) for e in extras) / n, 2) if n else 0.0,
+        "max_iterations": max((int(e.get("sinkhorn_max_iterations", 0)) for e in extras), default=0),
+        "not_converged": sum(int(e.get("sinkhorn_not_converged", 0)) for e in extras),
+    }
+
+
+def _row_width(shards: list[ShardInfo]) -> int:
+    return max((int(s.extra.get("row_width", 0)) for s in shards), default=0)
