@@ -35,9 +35,9 @@ BLOCK_LEN = 48
 
 @pytest.fixture(scope="module")
 def offline(tmp_path_factory, tiny_corpus, tiny_llama, tiny_gpt2) -> Path:
-    """Lossless teacher stores, the default (soft/next) alignment and blocks of 48 rows."""
+    """Lossless teacher stores (with the lse), the default (soft/next) alignment and blocks of 48 rows."""
     d = tmp_path_factory.mktemp("offline")
-    kw = dict(corpus=str(tiny_corpus), progress=False, docs_per_shard=10, top_k=TOP_K, format="lossless")
+    kw = dict(corpus=str(tiny_corpus), progress=False, docs_per_shard=10, top_k=TOP_K, format="lossless", store_lse=True)
     run_teacher_pass(TeacherConfig(model=str(tiny_llama), output=str(d / "target"), **kw))
     run_teacher_pass(TeacherConfig(model=str(tiny_gpt2), output=str(d / "source"), **kw))
     run_align(AlignConfig(target=str(d / "target"), source=str(d / "source"), output=str(d / "align"), progress=False))
@@ -111,6 +111,27 @@ def test_online_training_equals_offline(offline, tmp_path, tiny_corpus, tiny_lla
         assert a["tokens"] == b["tokens"] and a.get("wins") == b.get("wins")
         for key in ("loss", "ce", "fusion", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=2e-5, abs=1e-6), (a["step"], key)
+
+
+def test_online_bucketed_tail_equals_offline_and_needs_the_lse(offline, tmp_path, tiny_corpus, tiny_llama, tiny_gpt2):
+    """--teacher-tail bucket: the live passes keep each row's lse, so online training equals
+    offline on stores made with --store-lse; a stored candidate without it is refused."""
+    from training.data import DataError
+
+    common = dict(model=str(tiny_llama), strategy="min_ce", top_k=TOP_K, teacher_tail="bucket", divergence="kl")
+    stored = _train(tmp_path, "offline", data=str(offline / "blocks"), **common)
+    live = _train(tmp_path, "online", online=True, corpus=str(tiny_corpus), candidate=(str(tiny_gpt2),), **common)
+    renorm = _train(tmp_path, "renorm", data=str(offline / "blocks"), **{**common, "teacher_tail": "renormalize"})
+    for a, b, c in zip(live, stored, renorm):
+        for key in ("loss", "ce", "fusion", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=2e-5, abs=1e-6), (a["step"], key)
+    assert stored[0]["fusion"] != pytest.approx(renorm[0]["fusion"], rel=1e-3)  # the tail changes the loss
+    no_lse = tmp_path / "no-lse"
+    run_teacher_pass(TeacherConfig(model=str(tiny_gpt2), output=str(no_lse), corpus=str(tiny_corpus), progress=False,
+                                   docs_per_shard=10, top_k=TOP_K, format="lossless"))
+    with pytest.raises(DataError, match="--store-lse"):
+        _train(tmp_path, "refused", online=True, corpus=str(tiny_corpus), candidate=(str(no_lse),), **common)
+    assert not (tmp_path / "refused" / "metrics.jsonl").exists()
 
 
 def test_a_stored_candidate_mixes_with_live_ones(offline, tiny_corpus, tiny_llama, tmp_path):
