@@ -2,6 +2,8 @@
 reference (which builds p_s, t_s and Q_s densely, Q_s by masking, never as 1 − Σ)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -219,3 +221,50 @@ def test_refusals():
     tight = case["teacher_logits"].clone()
     tight[0, 0, 0] = lse[0, 0] * (1 + 2.0 ** -10) + 1e-7
     fusion_loss(z, **{**tensors, "teacher_logits": tight}, teacher_lse=lse, teacher_tail="bucket", validate=True, backend="torch")
+
+
+# ---- on the GPU (bench/gpu_check.sh), with a CPU twin through the interpreter ----
+
+def check_bucket_device(device: torch.device, *, n: int, v: int, dtype: torch.dtype, seed: int = 11) -> None:
+    """The bucket loss without a host sync, rows 0-3 with the student sure of candidate 0's
+    ids (Q_0 down to ~1e-10: the float64 block sums must keep it), against float64."""
+    from tests.test_cuda_sync import no_host_sync
+
+    case = bucket_case(n=n, v=v, s=3, k=10, seed=seed)
+    z = case["logits"].float()
+    for row, peak in enumerate((8.0, 14.0, 20.0, 26.0)):
+        z[row, case["teacher_ids"][0, row].clamp_min(0)] = peak
+    case["logits"] = z.to(dtype)
+    dev = {k: t.to(device) for k, t in case.items()}
+    logits = dev.pop("logits")
+    up = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(device)
+    x = logits.clone().requires_grad_()
+    with no_host_sync(device):
+        loss = fusion_loss(x, **dev, teacher_tail="bucket", divergence="kl", strategy="avg_ce", reduction="none",
+                           backend="auto" if device.type == "cuda" else "triton")
+        (grad,) = torch.autograd.grad(loss, x, up.float())
+    xr = logits.double().requires_grad_()
+    ref = fusion_loss_reference(xr, **dev, teacher_tail="bucket", divergence="kl", strategy="avg_ce", reduction="none")
+    (gr,) = torch.autograd.grad(ref, xr, up)
+    if dtype == torch.float32:
+        assert_close_fp32(loss, ref, what="loss")
+        assert_close_fp32(grad, gr, what="grad")
+    else:
+        x_lp = logits.clone().requires_grad_()
+        lp = fusion_loss_reference(x_lp, **dev, teacher_tail="bucket", divergence="kl", strategy="avg_ce", reduction="none",
+                                   dtype=dtype)
+        (g_lp,) = torch.autograd.grad(lp, x_lp, up.to(dtype))
+        assert_close(loss, ref, lp, what="loss")
+        assert_close(grad, gr, g_lp, what="grad")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("v,dtype", [(32_000, torch.float32), (32_000, torch.bfloat16), (128_256, torch.bfloat16)])
+def test_cuda_bucket_without_host_sync(v, dtype):
+    check_bucket_device(torch.device("cuda"), n=256, v=v, dtype=dtype)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1 (no GPU here)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_twin_bucket(dtype):
+    check_bucket_device(torch.device("cpu"), n=10, v=300, dtype=dtype)
