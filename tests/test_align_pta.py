@@ -62,15 +62,18 @@ def test_sinkhorn_matches_float64_reference(lam, integer):
         got = out.log_plan[b].exp()
         if err <= 1e-6 and bool(out.converged[b]):  # the same plan (within the tolerance), as fast
             np.testing.assert_allclose(got[:nb, :mb].double().numpy(), plan, atol=2e-5, rtol=0)
-            assert abs(int(out.iterations[b]) - iters) <= max(2, iters // 10)
+            if iters < 20:  # Sinkhorn alone (later ones finish with Newton); float32 measures the
+                # error to ~1e-7 at tol 1e-6, so the stopping iterate may differ by a few
+                assert abs(int(out.iterations[b]) - iters) <= max(3, iters // 4)
             both += 1
         assert float(got[nb:].sum()) == 0.0 and float(got[:, mb:].sum()) == 0.0
         cols = got[:nb, :mb].sum(0).double()
         np.testing.assert_allclose(cols.numpy(), log_b[b, :mb].exp().double().numpy(), atol=1e-5)
     assert both >= batch * 3 // 4
-    assert float(out.marginal_error[out.converged].max()) <= 1e-6
-    assert bool((out.marginal_error[~out.converged] > 1e-6).all())
-    assert bool((out.iterations[~out.converged] == 2000).all())
+    assert bool(out.converged.all()) and float(out.marginal_error.max()) <= 2e-6
+    if lam == 30.0:  # Sinkhorn alone leaves some near-degenerate problems unconverged: what Newton is for
+        plain = sinkhorn_log(cost, log_a, log_b, lam=lam, tol=1e-6, max_iter=2000, newton_after=None)
+        assert int(plain.iterations.max()) == 2000 and not bool(plain.converged.all())
 
 
 def test_sinkhorn_constant_cost_gives_the_product_of_the_marginals():
@@ -189,10 +192,10 @@ def test_pta_default_equals_its_float64_statement(pta_stores):
     assert m["method"] == "pta" and m["shard_type"] == "aligned_rows" and m["format_version"] == 3
     assert m["pta"] == {"top_k": 10, "lam": 30.0, "tol": 1e-5, "max_iter": 1000, "reference": False, "width": 10}
     s = m["sinkhorn"]
-    # near-degenerate problems (λ = 30, integer costs) converge sublinearly: a few stop at the
-    # cap, with their error recorded
-    assert s["problems"] > 100 and s["not_converged"] <= 0.03 * s["problems"] and s["mean_marginal_error"] <= 1e-4
-    assert s["max_iterations"] == 1000 if s["not_converged"] else s["max_marginal_error"] <= 1e-5
+    # near-degenerate problems (λ = 30, integer costs) converge sublinearly under Sinkhorn;
+    # the Newton finish brings every one within the tolerance
+    assert s["problems"] > 100 and s["not_converged"] == 0 and s["max_marginal_error"] <= 2e-5
+    assert s["max_iterations"] < 1000
     assert m["bytes_per_token"] > 88  # 8 + 10 × 8 per row, plus the index
     checked = 0
     for doc_id in sorted(al.doc_ids())[:5]:
