@@ -172,6 +172,26 @@ def _fusion_loss_kernel(
             # gathered before pass 1 (TAIL reads them there) and pass 2 (which may overwrite the logits)
             z_label = tl.load(z_row + label, mask=label_ok, other=0.0).to(tl.float32)
             e_z = tl.load(z_row + tl.where(e_mass, e_raw, 0), mask=e_mass, other=0.0).to(tl.float32)
+            a = tl.where(ce_on, tl.load(ce_coef_ptr).to(tl.float32), 0.0)
+            # a label outside [0, V) (not ignore_index): NaN in a spreads to the row's loss and
+            # every entry of its gradient, visible with no host sync (validate=True names it)
+            a = tl.where(ce_on & (label_ok == 0), float("nan"), a)
+            b = tl.where(has_f, tl.load(f_coef_ptr).to(tl.float32), 0.0)
+            # Everything that does not need lse (or Q_s) is reduced now, so that few [E] vectors
+            # stay live through the two passes (the register budget): the loss's teacher side
+            # relative to the largest entry logit z_ref (D = P_tot·(lse − z_ref) + d_pre, no
+            # cancellation of large logits) and the gradient's sparse coefficients.
+            z_ref = tl.max(tl.where(e_mass, e_z, float("-inf")), axis=0)
+            z_ref = tl.where(z_ref > float("-inf"), z_ref, 0.0)
+            p_tot = tl.sum(tl.where(e_mass, e_P, 0.0), axis=0)
+            d_pre = entropy - tl.sum(tl.where(e_mass, e_P * (e_z - z_ref), 0.0), axis=0)
+            label_in_teacher = tl.sum((e_keep & (e_ids == label)).to(tl.int32), axis=0) > 0
+            a_up = a * up
+            b_up = b * up
+            e_coef = b_up * merged + tl.where(e_ids == label, a_up, 0.0)
+            if TAIL:
+                wt = w_bar * tail  # w̄_s·t_s
+                w_mass = tl.sum(w_bar * (p_sum + tail), axis=0)
             if BACKWARD:
                 lse = tl.load(lse_ptr + row)
                 if TAIL:
@@ -201,15 +221,8 @@ def _fusion_loss_kernel(
                     if WRITE_GRAD:
                         tl.store(logq_out_ptr + s_idx * stride_qs + row * stride_qn, log_q_out, mask=s_idx < S)
 
-            a = tl.where(ce_on, tl.load(ce_coef_ptr).to(tl.float32), 0.0)
-            # a label outside [0, V) (not ignore_index): NaN in a spreads to the row's loss and
-            # every entry of its gradient, visible with no host sync (validate=True names it)
-            a = tl.where(ce_on & (label_ok == 0), float("nan"), a)
-            b = tl.where(has_f, tl.load(f_coef_ptr).to(tl.float32), 0.0)
             if TAIL:
-                has_tail = tail > 0.0
-                ratio = tl.where(has_tail, w_bar * tail * tl.exp(-log_q_out), 0.0)  # r_s = w̄_s t_s / Q_s
-                w_mass = tl.sum(w_bar * (p_sum + tail), axis=0)
+                ratio = tl.where(wt > 0.0, wt * tl.exp(-log_q_out), 0.0)  # r_s = w̄_s t_s / Q_s
                 beta = w_mass - tl.sum(ratio, axis=0)
                 # each entry's own β: the r_s of the candidates whose ids miss it, summed directly
                 miss = ((member[:, None] >> s_idx[None, :]) & 1) == 0
@@ -221,18 +234,16 @@ def _fusion_loss_kernel(
                 # ---- loss terms ----
                 ce = tl.where(ce_on, lse - z_label, 0.0)
                 ce = tl.where(ce_on & (label_ok == 0), float("nan"), ce)
-                d = tl.sum(tl.where(e_mass, e_P * (lse - e_z), 0.0), axis=0) + entropy
+                d = p_tot * (lse - z_ref) + d_pre
                 if TAIL:
-                    d -= tl.sum(tl.where(has_tail, w_bar * tail * log_q_out, 0.0), axis=0)
+                    d -= tl.sum(tl.where(wt > 0.0, wt * log_q_out, 0.0), axis=0)
                 d = tl.where(has_f, d, 0.0)
                 tl.store(ce_row_ptr + row, ce)
                 tl.store(d_row_ptr + row, d)
                 tl.store(row_loss_ptr + row, a * ce + b * d)
 
             if WRITE_GRAD:
-                a = a * up
-                b = b * up
-                c = a + b * beta
+                c = a_up + b_up * beta
                 g_row = grad_ptr + row * stride_gn
                 # ---- pass 2, backwards: the dense part (a + b·β)·q ----
                 n_blocks = tl.cdiv(V, BLOCK_V)
@@ -243,11 +254,9 @@ def _fusion_loss_kernel(
                 # The sparse rewrites below must land after every thread's dense stores.
                 tl.debug_barrier()
                 # ---- the sparse positions, duplicates merged so each is written once ----
-                e_coef = b * merged + tl.where(e_ids == label, a, 0.0)
-                e_grad = (a + b * e_beta) * tl.exp(e_z - lse) - e_coef
+                e_grad = (a_up + b_up * e_beta) * tl.exp(e_z - lse) - e_coef
                 tl.store(g_row + e_ids, to_stored_dtype(e_grad, grad_ptr, RNE_BF16), mask=first)
-                label_in_teacher = tl.sum((e_keep & (e_ids == label)).to(tl.int32), axis=0) > 0
-                g_label = c * tl.exp(z_label - lse) - a
+                g_label = c * tl.exp(z_label - lse) - a_up
                 tl.store(g_row + label, to_stored_dtype(g_label, grad_ptr, RNE_BF16), mask=label_ok & (label_in_teacher == 0))
 
 

@@ -140,6 +140,9 @@ def _next_power_of_2(x: int) -> int:
 LARGE_VOCAB = 65536
 
 
+TAIL_PROGRAMS_PER_SM = 2  # teacher_tail="bucket": see fusion_loss_launch
+
+
 def fusion_loss_launch(n: int, v: int, spec: DeviceSpec | None, programs_per_sm: int | None = None,
                        elem_bytes: int = 2, row_aligned: bool = True, tail: bool = False) -> Launch:
     """The fusion-loss kernel: persistent programs over rows, a vocabulary block of ≤ 4096.
@@ -156,14 +159,15 @@ def fusion_loss_launch(n: int, v: int, spec: DeviceSpec | None, programs_per_sm:
     thread would need more addresses than the 64-register budget holds (measured: 4–36
     bytes of spills at 8 warps).
 
-    `tail` (teacher_tail="bucket"): below V = 65 536, 3 programs of 8 warps (80 registers):
-    its per-candidate Q_s accumulators, float64 block sums and per-entry β spilled 4–16 bytes
-    at 64 registers (8 warps, 8 logits per thread); from V = 65 536 its 2 × 16 warps fit 64."""
+    `tail` (teacher_tail="bucket"): 2 programs of 8 warps at every V (128 registers): its
+    per-candidate Q_s accumulators, float64 block sums and per-entry β spilled 4–40 bytes in
+    some variants at 64 registers (4 × 8 or 2 × 16 warps) and 4 bytes at 80 (3 × 8), measured
+    with ptxas for sm_80/sm_90 on the CI set; it keeps 16 warps an SM in flight, half the default."""
     if spec is None:
         return Launch(grid=min(n, 4), num_warps=4, block=min(_next_power_of_2(v), 1 << 15), programs_per_sm=0)
-    large = v >= LARGE_VOCAB
+    large = v >= LARGE_VOCAB and not tail
     pps = programs_per_sm if programs_per_sm is not None else _programs.get()
-    pps = pps if pps is not None else (2 if large else (3 if tail else 4))
+    pps = pps if pps is not None else (2 if large else (TAIL_PROGRAMS_PER_SM if tail else 4))
     warps = 16 if large else 8
     if pps * warps * 32 > spec.max_threads_per_sm:
         raise ValueError(f"{pps} programs per SM of {warps} warps need {pps * warps * 32} threads; "
