@@ -99,6 +99,7 @@ class LinearInputs:
     teacher_logits: Tensor  # float32 [S, N, K], descending like a top-k
     teacher_ce: Tensor  # float32 [S, N]
     segment_ids: Tensor  # int64 [N], SEQUENCES equal segments
+    teacher_lse: Tensor  # float32 [S, N] (read by no provider here yet)
 
     def params(self) -> list[Tensor]:
         """The tensors gradients are taken to: hidden, weight and bias when there is one."""

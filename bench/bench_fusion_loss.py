@@ -7,6 +7,9 @@
 
 Providers (all compute λ·CE + (1-λ)·soft-CE to the min-CE teacher, except liger_ce):
   fused           fusellm_kernels.fusion_loss (backend "auto" on CUDA, "torch" on CPU)
+  fused_bucket    the same with teacher_tail="bucket" (each teacher's top-k tail kept, the
+                  lse read per row): checked against dense_bucket, not dense_teacher
+  dense_bucket    its reference in fp32: dense [N, V] per-candidate distributions and tails
   dense_teacher   the reference in fp32: dense [N, V] teacher built by scatter
   gather_eager    log_softmax + gather at the S·K teacher ids
   gather_compile  the same under torch.compile
@@ -61,8 +64,10 @@ if TYPE_CHECKING:
 OP = "fusion_loss"
 # liger_ce runs last in every shape: it writes its gradient over the logits it is given,
 # which would leave the other providers timing (and checking) on changed inputs.
-PROVIDERS = ("fused", "dense_teacher", "gather_eager", "gather_compile", "liger_ce")
+PROVIDERS = ("fused", "fused_bucket", "dense_teacher", "dense_bucket", "gather_eager", "gather_compile", "liger_ce")
 REFERENCE = "dense_teacher"
+# the provider each one is checked against (its own loss); the rest use REFERENCE
+REFERENCE_OF = {"fused_bucket": "dense_bucket", "dense_bucket": None, "dense_teacher": None, "liger_ce": None}
 IGNORE_INDEX = -100
 LAM = 0.9
 SEQUENCES = 4  # rows form this many sequences; min_ce picks one teacher per sequence
@@ -85,6 +90,7 @@ class LossInputs:
     teacher_logits: Tensor  # float32 [S, N, K], descending like a top-k
     teacher_ce: Tensor  # float32 [S, N]
     segment_ids: Tensor  # int64 [N], SEQUENCES equal segments
+    teacher_lse: Tensor  # float32 [S, N]: the top-k hold 20-90 % of each row's mass
 
 
 def make_teacher_inputs(n: int, v: int, s: int, k: int, g: torch.Generator, device: torch.device) -> dict[str, Tensor]:
@@ -96,12 +102,15 @@ def make_teacher_inputs(n: int, v: int, s: int, k: int, g: torch.Generator, devi
 
     labels = torch.randint(0, v, (n,), generator=g, device=device)
     ids = torch.randint(0, v, (s, n, k), generator=g, device=device, dtype=torch.int32)
+    teacher_logits = (3 * torch.randn(s, n, k, generator=g, device=device)).sort(dim=-1, descending=True).values
     return dict(
         labels=torch.where(rand(n) < 0.05, IGNORE_INDEX, labels),
         teacher_ids=torch.where(rand(s, n, k) < 0.1, -1, ids).to(torch.int32),
-        teacher_logits=(3 * torch.randn(s, n, k, generator=g, device=device)).sort(dim=-1, descending=True).values,
+        teacher_logits=teacher_logits,
         teacher_ce=0.5 + 3 * rand(s, n),
         segment_ids=torch.arange(n, device=device) // max(1, n // SEQUENCES),
+        # the top-k hold 20-90 % of the row's mass (slots emptied later count as unmapped)
+        teacher_lse=teacher_logits.logsumexp(-1) - torch.log(0.2 + 0.7 * rand(s, n)),
     )
 
 
@@ -124,6 +133,15 @@ def build_provider(name: str, device: torch.device, explicit: bool) -> LossFn:
 
         backend = "auto" if device.type == "cuda" else "torch"
         return lambda x: fusion_loss(x.logits, x.labels, x.teacher_ids, x.teacher_logits, backend=backend, **_loss_kwargs(x))
+    if name == "fused_bucket":
+        from fusellm_kernels import fusion_loss
+
+        backend = "auto" if device.type == "cuda" else "torch"
+        return lambda x: fusion_loss(x.logits, x.labels, x.teacher_ids, x.teacher_logits, backend=backend,
+                                     teacher_lse=x.teacher_lse, teacher_tail="bucket", **_loss_kwargs(x))
+    if name == "dense_bucket":
+        return lambda x: fusion_loss_reference(x.logits, x.labels, x.teacher_ids, x.teacher_logits, dtype=torch.float32,
+                                               teacher_lse=x.teacher_lse, teacher_tail="bucket", **_loss_kwargs(x))
     if name.startswith(PPS_PREFIX):
         if device.type != "cuda":
             raise Skip("programs per SM exist only on CUDA (the Triton interpreter has no SMs)")
@@ -219,7 +237,8 @@ class Config:
 
 
 def bench_provider(
-    name: str, loss_fn: LossFn, rotation: InputRotation[LossInputs], reference: tuple[Tensor, Tensor] | None, cfg: Config
+    name: str, loss_fn: LossFn, rotation: InputRotation[LossInputs], reference: tuple[Tensor, Tensor] | None, cfg: Config,
+    reference_name: str = REFERENCE,
 ) -> tuple[Timing | None, float | None, dict]:
     """Check, time and measure one provider on one shape: (timing or None, peak extra MiB, extra)."""
     extra: dict = {"inputs_rotated": len(rotation)}
@@ -232,7 +251,7 @@ def bench_provider(
     if errors is not None:
         loss_err, grad_err = errors
         ok = loss_err <= LOSS_RTOL and grad_err <= GRAD_RTOL[cfg.dtype]
-        extra.update(checked_against=REFERENCE, loss_rel_err=loss_err, grad_rel_err=grad_err, check_ok=ok)
+        extra.update(checked_against=reference_name, loss_rel_err=loss_err, grad_rel_err=grad_err, check_ok=ok)
         print(f"  check {name}: loss rel err {loss_err:.2e}, grad rel err {grad_err:.2e} -> {'ok' if ok else 'WRONG'}", flush=True)
         if not ok:
             return None, None, {**extra, "skipped": f"wrong result: loss rel {loss_err:.2e}, grad rel {grad_err:.2e}"}
@@ -280,7 +299,7 @@ def run(cfg: Config, providers: list[str], explicit: bool, out_file: Path, env: 
                 set_bytes,
                 cache=cache_bytes(cfg.device),
             )
-            reference: tuple[Tensor, Tensor] | None = None
+            references: dict[str, tuple[Tensor, Tensor]] = {}
             for name in providers:
                 if name not in built:
                     try:
@@ -294,10 +313,11 @@ def run(cfg: Config, providers: list[str], explicit: bool, out_file: Path, env: 
                     record = make_record(**base, extra={**notes, "skipped": f"{type(fn).__name__}: {fn}"})
                 else:
                     try:
-                        if name not in (REFERENCE, "liger_ce") and reference is None:
-                            reference = forward_backward(build_provider(REFERENCE, cfg.device, explicit), rotation.sets[0])
-                        check = reference if name not in (REFERENCE, "liger_ce") else None
-                        timing, peak, extra = bench_provider(name, fn, rotation, check, cfg)
+                        against = REFERENCE_OF.get(name, REFERENCE)
+                        if against is not None and against not in references:
+                            references[against] = forward_backward(build_provider(against, cfg.device, explicit), rotation.sets[0])
+                        check = references[against] if against is not None else None
+                        timing, peak, extra = bench_provider(name, fn, rotation, check, cfg, against or REFERENCE)
                         failures += timing is None
                         record = make_record(**base, timing=timing, peak_extra_mib=peak, extra={**notes, **extra})
                     except Exception as e:  # noqa: BLE001 - one broken provider must not lose the others' numbers
@@ -307,7 +327,7 @@ def run(cfg: Config, providers: list[str], explicit: bool, out_file: Path, env: 
                 append_jsonl(out_file, record)
                 records.append(record)
                 print("  " + format_table([record]).splitlines()[1], flush=True)
-            del rotation, reference
+            del rotation, references
             if cfg.device.type == "cuda":
                 torch.cuda.empty_cache()
     return records, failures

@@ -43,10 +43,12 @@ def test_records_follow_the_schema(quick_results: Path) -> None:
         assert math.isclose(r.achieved_gbps, r.bytes_moved / r.median_ms / 1e6)
         assert r.peak_extra_mib is None  # no allocator statistics on CPU
     timed = {r.provider for r in records if not r.skipped}
-    assert {"dense_teacher", "gather_eager"} <= timed
+    assert {"dense_teacher", "dense_bucket", "gather_eager", "fused", "fused_bucket"} <= timed
     for r in records:
-        if r.provider in timed - {"dense_teacher"} and not r.skipped:
+        if r.provider in timed - {"dense_teacher", "dense_bucket"} and not r.skipped:
             assert r.extra["check_ok"] and r.extra["loss_rel_err"] <= bench_fusion_loss.LOSS_RTOL
+            want = "dense_bucket" if r.provider == "fused_bucket" else "dense_teacher"
+            assert r.extra["checked_against"] == want
 
 
 @pytest.fixture(scope="module")
