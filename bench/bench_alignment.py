@@ -305,6 +305,7 @@ def run_pta(source: Side, target: Side, docs, cfg: Config, env: Environment, out
 
     from fusellm_kernels.align.pta import PtaSettings, TokenCost, pta_teacher_rows
 
+    torch.set_num_threads(1)  # as each worker of `fusellm align` runs
     index = {t: i for i, t in enumerate(target.vocab) if t is not None}
     target_ids = [[index.get(t, 0) for t in tgt] for _, tgt in docs]
     lookup = soft_lookup(vmap, source.vocab, target.vocab, source_marker=source.marker, target_marker=target.marker)
@@ -364,7 +365,7 @@ def run_pta(source: Side, target: Side, docs, cfg: Config, env: Environment, out
     med = statistics.median(times)
     result = stats["result"]
     problems = int(result.transported.sum())
-    names = {"source": source.name, "target": target.name, **machine()}
+    names = {"source": source.name, "target": target.name, **machine(), "threads": torch.get_num_threads()}
     shape = {"tokens": cfg.tokens, "documents": len(docs), "rows": rows, "k": 10}
     mined_rate = rows / mined.median_ms * 1e3
     pta_rate = rows / med * 1e3

@@ -62,8 +62,9 @@ def test_sinkhorn_matches_float64_reference(lam, integer):
         got = out.log_plan[b].exp()
         if err <= 1e-6 and bool(out.converged[b]):  # the same plan (within the tolerance), as fast
             np.testing.assert_allclose(got[:nb, :mb].double().numpy(), plan, atol=2e-5, rtol=0)
-            if iters < 20:  # Sinkhorn alone (later ones finish with Newton); float32 measures the
-                # error to ~1e-7 at tol 1e-6, so the stopping iterate may differ by a few
+            if iters < 4:  # Sinkhorn alone (after newton_after = 5 iterations the rest are solved
+                # again by ε-scaling and Newton); float32 measures the error to ~1e-7 at tol 1e-6,
+                # so the stopping iterate may differ by a few
                 assert abs(int(out.iterations[b]) - iters) <= max(3, iters // 4)
             both += 1
         assert float(got[nb:].sum()) == 0.0 and float(got[:, mb:].sum()) == 0.0
