@@ -147,7 +147,7 @@ def pta_stores(tmp_path_factory, tiny_corpus, tiny_llama, tiny_gpt2):
     byte-level BPE) and a source (GPT-2, Metaspace), lossless so the float64 checks see the
     logits the fast path sees."""
     d = tmp_path_factory.mktemp("pta")
-    kw = dict(corpus=str(tiny_corpus), progress=False, docs_per_shard=10, top_k=10, format="lossless")
+    kw = dict(corpus=str(tiny_corpus), progress=False, docs_per_shard=10, top_k=10, format="lossless", store_lse=True)
     run_teacher_pass(TeacherConfig(model=str(tiny_llama), output=str(d / "target"), **kw))
     run_teacher_pass(TeacherConfig(model=str(tiny_gpt2), output=str(d / "source"), **kw))
     return d
@@ -315,3 +315,82 @@ def test_damaged_aligned_rows_shards_are_refused(pta_stores, tmp_path):
     store = AlignmentStore(al, aligned_rows_ok=True)
     with pytest.raises(StoreError, match="not a valid aligned-rows shard"):
         store.get(store.shards[0].first_doc_id)
+    # `fusellm verify` finds it too, and passes the intact alignment
+    from fusellm_kernels.store.verify import verify_path
+
+    assert verify_path(src).problems == []
+    problems = verify_path(al).problems  # (the copy's relative store paths do not resolve either)
+    assert sum("not a valid aligned-rows shard" in p for p in problems) == 1
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def test_pta_candidate_assembles_and_trains(pta_stores, tmp_path):
+    """align --method pta → assemble (beside a MinED alignment of the same source) → the
+    trainer's batches take the PTA candidate's aligned rows, its lse NaN (renormalised),
+    empty_to_target only on paired rows → a few training steps."""
+    from fusellm_kernels.pipeline.assemble import AssembleConfig, run_assemble
+    from fusellm_kernels.pipeline.batches import build_batch
+    from fusellm_kernels.store.blocks import BlockStore
+    from training.config import preset
+    from training.data import open_data
+    from training.metrics import read_metrics
+    from training.train import train
+
+    pta = _align(pta_stores, "align-pta")
+    mined = pta_stores / "align-minED"
+    if not (mined / "manifest.json").exists():
+        run_align(AlignConfig(target=str(pta_stores / "target"), source=str(pta_stores / "source"), output=str(mined),
+                              progress=False))
+    out = tmp_path / "blocks"
+    run_assemble(AssembleConfig(target=str(pta_stores / "target"), sources=(str(mined), str(pta.root)), output=str(out),
+                                block_len=64, progress=False))
+    blocks = BlockStore(out)
+    assert [c.get("method") for c in blocks.candidates] == [None, "minED", "pta"]
+    assert blocks.manifest["settings"]["methods"] == ["minED", "pta"]
+
+    data = open_data(str(out), "", 0, seq_len=64, model_vocab=10**6, fusion=True)
+    assert isinstance(data.stores[2], AlignmentStore) and data.vocab_maps[2] is None
+    picked = [data.blocks[i] for i in range(min(4, len(data.blocks)))]
+    batch = build_batch(picked, data.stores, data.vocab_maps, with_lse=True, backend="torch")
+    # every real row of the PTA candidate is its document's aligned row, in order
+    want_ids, want_logits = [], []
+    for blk in picked:
+        for p, doc_id in enumerate(blk.doc_ids.tolist()):
+            d = pta.get(doc_id)
+            rows = blk.source_pos[0][blk.doc_index == p].long()
+            want_ids.append(d.row_ids[rows])
+            want_logits.append(d.row_logits[rows])
+    real = batch.attention_mask.reshape(-1)
+    assert torch.equal(batch.teacher_ids[2][real], torch.cat(want_ids))
+    assert torch.equal(batch.teacher_logits[2][real], torch.cat(want_logits))
+    assert bool((batch.teacher_ids[2][~real] < 0).all())
+    assert bool(batch.teacher_lse[2].isnan().all())  # the plan's rows carry no top-k tail
+    assert bool(torch.isfinite(batch.teacher_lse[1][torch.stack([b.source_pos[1] for b in picked]).reshape(-1) >= 0]).all())
+    # the MinED candidate's rows are what they are without the PTA candidate beside it
+    run_assemble(AssembleConfig(target=str(pta_stores / "target"), sources=(str(mined),), output=str(tmp_path / "mined"),
+                                block_len=64, progress=False))
+    plain = open_data(str(tmp_path / "mined"), "", 0, seq_len=64, model_vocab=10**6, fusion=True)
+    alone = build_batch([plain.blocks[i] for i in range(len(picked))], plain.stores, plain.vocab_maps, with_lse=True,
+                        backend="torch")
+    assert torch.equal(alone.teacher_ids, batch.teacher_ids[:2]) and torch.equal(alone.teacher_logits, batch.teacher_logits[:2])
+    assert torch.allclose(alone.teacher_lse, batch.teacher_lse[:2], equal_nan=True, rtol=0, atol=0)
+    # the original's empty-row rule looks at paired rows only: an unpaired row of the PTA
+    # candidate without a fallback id keeps no teacher, a paired row without one takes the target's
+    moved = build_batch(picked, data.stores, data.vocab_maps, empty_to_target=True, backend="torch")
+    paired = torch.stack([b.source_pos[2] for b in picked]).reshape(-1) >= 0
+    empty = (batch.teacher_ids[2] < 0).all(-1) & real
+    assert torch.equal(moved.teacher_ids[2][empty & paired], batch.teacher_ids[0][empty & paired])
+    assert bool((moved.teacher_ids[2][empty & ~paired] < 0).all())
+
+    run = tmp_path / "run"
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(preset("tiny", model=str(TeacherStore(pta_stores / "target").path_of("model")), data=str(out), output=str(run), max_steps=2,
+                     global_batch=2, eval_holdout=0, export=False, checkpoint_every=0, plot=False, teacher_tail="bucket"))
+    finally:
+        torch.set_num_threads(torch_threads)
+    steps = [r for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["fusion"]) for r in steps)

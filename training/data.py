@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from fusellm_kernels.pipeline.batches import TrainBatch, _positions, build_batch  # one definition of restarting positions
+from fusellm_kernels.store.alignment import AlignmentStore
 from fusellm_kernels.store.blocks import Block, BlockStore
 from fusellm_kernels.store.format import TeacherStore
 from fusellm_kernels.store.lock import LockSet
@@ -83,7 +84,9 @@ class BlockReader:
 @dataclass
 class TrainData:
     blocks: BlockReader
-    stores: list[TeacherStore]           # empty in CLM mode: CE needs no teachers
+    # each candidate's teacher table: its teacher store, or for a candidate aligned with
+    # --method pta its aligned-rows alignment (`build_batch`); empty in CLM mode
+    stores: list[TeacherStore | AlignmentStore]
     vocab_maps: list[torch.Tensor | None]
     names: list[str]                     # candidate names, target first
     train_range: range                   # block indices used for training
@@ -137,6 +140,29 @@ def _candidate_store(blocks: BlockStore, i: int, data: str) -> Path:
     return path
 
 
+def _aligned_rows(blocks: BlockStore, i: int, name: str, verify: bool, locks: LockSet | None) -> AlignmentStore:
+    """Candidate i's aligned-rows alignment (`fusellm align --method pta`), whose rows are its
+    teacher, checked to cover the blocks' documents."""
+    path = blocks.candidate_path(i, "alignment")
+    manifest = blocks.root / "manifest.json"
+    if path is None:
+        raise DataError(f"{manifest}: candidate {i} ({name}) was aligned with --method pta but names no alignment")
+    if locks is not None:
+        locks.read(path)
+    al = AlignmentStore(path, verify=verify, aligned_rows_ok=True)
+    if not al.aligned_rows:
+        raise DataError(f"{manifest} says candidate {i} ({name}) was aligned with --method pta, but {path} holds "
+                        f"{al.method} position maps; assemble the blocks again")
+    lo = min((sh.first_doc_id for sh in al.shards), default=0)
+    hi = max((sh.last_doc_id for sh in al.shards), default=-1)
+    for sh in blocks.shards:
+        if sh.documents and (sh.first_doc_id < lo or sh.last_doc_id > hi):
+            raise DataError(f"{blocks.root / sh.file} holds documents {sh.first_doc_id}..{sh.last_doc_id} but candidate "
+                            f"{i}'s alignment {path} holds ids {lo}..{hi}: is it the alignment these blocks were "
+                            "assembled from?")
+    return al
+
+
 def _eval_blocks(eval_data: str, seq_len: int, verify: bool, locks: LockSet | None) -> BlockReader:
     """--eval-data: held-out blocks of --seq-len rows, read in order (only their tokens are used)."""
     if locks is not None:
@@ -158,7 +184,7 @@ def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, mod
     manifest = Path(data) / "manifest.json"
     if blocks.block_len != seq_len:
         raise DataError(f"{manifest} has block_len {blocks.block_len} but --seq-len is {seq_len}; set --seq-len {blocks.block_len}")
-    stores: list[TeacherStore] = []
+    stores: list[TeacherStore | AlignmentStore] = []
     maps: list[torch.Tensor | None] = []
     names = [str(c.get("name") or f"candidate{i}") for i, c in enumerate(blocks.candidates)]
     short = [Path(n).name or n for n in names]  # assembled blocks name candidates by model path
@@ -167,6 +193,10 @@ def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, mod
         if not blocks.candidates:
             raise DataError(f"{manifest} names no candidates; fusion needs at least the target model's teacher store")
         for i, cand in enumerate(blocks.candidates):
+            if i > 0 and cand.get("method", "minED") == "pta":
+                stores.append(_aligned_rows(blocks, i, names[i], verify, locks))
+                maps.append(None)  # the aligned rows are target ids
+                continue
             store_path = _candidate_store(blocks, i, data)
             if locks is not None:
                 locks.read(store_path)

@@ -35,6 +35,11 @@ ranked; the reference preset passes both. The trainer and the loss take the labe
 are; with `--weighting block` a block's segment mean of its constant block_ce is the same
 whichever of its rows are labelled, so the per-block decision does not depend on them.
 
+A PTA alignment (`fusellm align --method pta`) is assembled the same way: its source_pos
+still names each row's paired source row (token_ce reads the source's NLL there), and the
+blocks manifest records `method: pta` for that candidate, whose teacher the trainer then
+takes from the alignment's aligned rows (`build_batch`) instead of the source's top-k.
+
 Documents flagged NONFINITE (NaN/inf logits) in any candidate's store are left out. Pairing
 of target and source records is by document id and text hash, verified for every document; stores and alignments must come from the same prepared corpus (fingerprints).
 Resumable by shard: the packing is planned from document lengths alone, so a restarted job
@@ -138,7 +143,7 @@ def _open_inputs(cfg: AssembleConfig, locks: LockSet):
     aligns, stores = [], []
     for path in cfg.sources:
         locks.read(path)
-        al = AlignmentStore(path, verify=cfg.verify)
+        al = AlignmentStore(path, verify=cfg.verify, aligned_rows_ok=True)
         for role in ("target", "source"):
             if al.manifest[role]["corpus_fingerprint"] != corpus_fp:
                 raise StoreError(f"alignment {path} was made from a {role} store of another corpus than the target store {cfg.target}")
@@ -261,6 +266,9 @@ def _run_assemble(cfg: AssembleConfig, target: TeacherStore, aligns: list[Alignm
         "alignments": [al.manifest.get("settings_hash") for al in aligns],
         "block_len": cfg.block_len, "score": cfg.score, "labels": cfg.labels, "blocks_per_shard": cfg.blocks_per_shard,
     }
+    methods = [al.method for al in aligns]
+    if any(m != "minED" for m in methods):  # MinED-only blocks keep the settings (and hash) they always had
+        settings["methods"] = methods
     if cfg.overwrite and out.exists():
         (out / "manifest.json").unlink(missing_ok=True)  # first: a half-cleared directory never looks complete
         clear_directory(out)
@@ -326,6 +334,8 @@ def _run_assemble(cfg: AssembleConfig, target: TeacherStore, aligns: list[Alignm
                            "vocab_map": record_path(al.vocab_map_path, out), "vocab_map_sha256": al.manifest["vocab_map_sha256"],
                            "tokenizer_fingerprint": st.tokenizer_fingerprint,
                            "reference": bool(al.manifest["settings"]["reference"]),
+                           # pta: the teacher is the alignment's aligned rows, not the store's top-k
+                           "method": al.method,
                            "aligned_fraction": al.manifest["counts"]["aligned_fraction"]})
     manifest = write_blocks_manifest(out, infos, block_len=cfg.block_len, candidates=candidates, header={
         "corpus": _corpus_section(target, out), "score": cfg.score, "labels": cfg.labels, "settings": settings, "settings_hash": settings_hash(settings),

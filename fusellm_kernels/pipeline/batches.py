@@ -5,6 +5,12 @@ read from its teacher store (memory-mapped, one document at a time) into one sma
 the blocks' position maps are turned into rows of that table and `gather_teacher_rows`
 builds teacher_ids / teacher_logits [S, B·L, K] on the device. Nothing dense, nothing padded
 is ever stored.
+
+A candidate aligned with `fusellm align --method pta` brings its own table: the alignment's
+aligned rows (`AlignmentStore.teacher_rows`, already target ids, one row per target row), so
+every real row takes its own document row of that table, with no vocabulary map and no
+fallback (the one-hot fallbacks are rows of the table). Its rows are the plan's normalised
+distribution, so they have no top-k tail: its lse is NaN everywhere (renormalised).
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fusellm_kernels.functional import gather_teacher_rows
+from fusellm_kernels.store.alignment import AlignmentStore
 from fusellm_kernels.store.blocks import Block
 from fusellm_kernels.store.format import TeacherStore
 from fusellm_kernels.store.records import TeacherRecord
@@ -81,7 +88,7 @@ def _positions(doc_index: Tensor) -> Tensor:
 
 def build_batch(
     blocks: Sequence[Block],
-    stores: Sequence[TeacherStore],
+    stores: Sequence[TeacherStore | AlignmentStore],
     vocab_maps: Sequence[Tensor | None],
     *,
     weighting: Weighting = "document",
@@ -92,7 +99,9 @@ def build_batch(
     with_lse: bool = False,
 ) -> TrainBatch:
     """Stack blocks and build their teacher tensors. stores[s] / vocab_maps[s] belong to
-    candidate s of the blocks (vocab map None for the target model itself).
+    candidate s of the blocks (vocab map None for the target model itself). A candidate
+    aligned with `--method pta` gives its aligned-rows `AlignmentStore` (vocab map None)
+    instead of its teacher store (module docstring).
 
     with_lse: also gather each row's stored lse by the same source rows (`teacher_tail="bucket"`);
     a store made without `fusellm teacher --store-lse` is refused.
@@ -110,39 +119,60 @@ def build_batch(
     doc_index = torch.stack([blk.doc_index for blk in blocks]).long()
     b, length = doc_index.shape
 
-    tables_ids, tables_logits, tables_lse, source_rows = [], [], [], []
+    tables_ids, tables_logits, tables_lse, source_rows, paired = [], [], [], [], []
     for s in range(s_count):
+        src = stores[s]
+        aligned_rows = isinstance(src, AlignmentStore)
+        if aligned_rows and vocab_maps[s] is not None:
+            raise ValueError(f"candidate {s}'s aligned rows are already target ids; give it vocab map None")
+        tables: dict[int, tuple[Tensor, Tensor]] = {}  # per document: its top-k ids and logits
         records: dict[int, TeacherRecord] = {}
         base: dict[int, int] = {}
-        rows_s = []
+        rows_s, paired_s = [], []
         total = 0
         for blk in blocks:
             piece_base = []
             for doc_id in blk.doc_ids.tolist():
-                if doc_id not in records:
+                if doc_id not in base:
                     try:
-                        records[doc_id] = stores[s].get(doc_id)
+                        if aligned_rows:
+                            tables[doc_id] = src.teacher_rows(doc_id)  # type: ignore[union-attr]
+                        else:
+                            records[doc_id] = src.get(doc_id)  # type: ignore[assignment]
+                            tables[doc_id] = (records[doc_id].topk_ids, records[doc_id].topk_logits)
                     except KeyError:
-                        raise KeyError(f"document {doc_id} of the blocks is missing from candidate {s}'s teacher store {stores[s].root}") from None
+                        what = "aligned rows" if aligned_rows else "teacher store"
+                        raise KeyError(f"document {doc_id} of the blocks is missing from candidate {s}'s {what} {src.root}") from None
                     base[doc_id] = total
-                    total += records[doc_id].num_tokens
+                    total += tables[doc_id][0].shape[0] if aligned_rows else records[doc_id].num_tokens
                 piece_base.append(base[doc_id])
             pb = torch.tensor(piece_base + [0], dtype=torch.int64)  # index −1 (padding) reads the 0
             sp = blk.source_pos[s].long()
-            rows_s.append(torch.where(sp >= 0, pb[blk.doc_index.long()] + sp, -1))
+            if aligned_rows:  # the document's own row of the table: its target row (candidate 0's position)
+                rows_s.append(torch.where(blk.doc_index >= 0, pb[blk.doc_index.long()] + blk.source_pos[0].long(), -1))
+            else:
+                rows_s.append(torch.where(sp >= 0, pb[blk.doc_index.long()] + sp, -1))
+            paired_s.append(sp >= 0)
+        width = src.manifest["pta"]["width"] if aligned_rows else src.k  # type: ignore[union-attr]
+        docs = list(tables.values())
+        tables_ids.append(torch.cat([t[0] for t in docs]) if docs else torch.zeros(0, width, dtype=torch.int64))
+        tables_logits.append(torch.cat([t[1] for t in docs]) if docs else torch.zeros(0, width))
+        paired.append(torch.stack(paired_s).reshape(-1))
         recs = list(records.values())
-        kc = stores[s].k
-        tables_ids.append(torch.cat([r.topk_ids for r in recs]) if recs else torch.zeros(0, kc, dtype=torch.int64))
-        tables_logits.append(torch.cat([r.topk_logits for r in recs]) if recs else torch.zeros(0, kc))
-        if with_lse:
+        if with_lse and aligned_rows:
+            tables_lse.append(torch.full((total,), float("nan")))  # the plan's rows: renormalised, no tail
+        elif with_lse:
             if any(r.lse is None for r in recs):
                 raise MissingLseError(
-                    f"candidate {s}'s teacher store {stores[s].root} has no log-sum-exp: --teacher-tail bucket needs "
+                    f"candidate {s}'s teacher store {src.root} has no log-sum-exp: --teacher-tail bucket needs "
                     "one; run `fusellm teacher` for that model again with --store-lse (or use --teacher-tail renormalize)")
             tables_lse.append(torch.cat([r.lse for r in recs]) if recs else torch.zeros(0))
         source_rows.append(torch.stack(rows_s).reshape(-1))
 
     fallback = torch.stack([blk.fallback_id for blk in blocks], dim=1).reshape(s_count, -1)
+    for s, src in enumerate(stores):
+        if isinstance(src, AlignmentStore):
+            fallback[s] = -1  # its fallbacks are rows of its table already
     teacher_ids, teacher_logits = gather_teacher_rows(
         [t.to(device) for t in tables_ids], [t.to(device) for t in tables_logits],
         torch.stack(source_rows).to(device), fallback.to(device),
@@ -156,9 +186,10 @@ def build_batch(
             for table, rows in zip(tables_lse, source_rows)
         ]).float().to(device)
     if empty_to_target:
-        rows = torch.stack(source_rows).to(device)
+        # a paired row (source_pos ≥ 0; for aligned rows not every row with a table row is one)
+        rows = torch.stack(paired).to(device)
         for s in range(1, s_count):
-            empty = ((rows[s] >= 0) & (teacher_ids[s] < 0).all(-1))[:, None]
+            empty = (rows[s] & (teacher_ids[s] < 0).all(-1))[:, None]
             teacher_ids[s] = torch.where(empty, teacher_ids[0], teacher_ids[s])
             teacher_logits[s] = torch.where(empty, teacher_logits[0], teacher_logits[s])
             if teacher_lse is not None:

@@ -12,6 +12,7 @@ for a store that was copied, restored from backup or left on a disk that failed.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,11 +155,18 @@ def _teacher(ch: _Checker, root: Path, m: dict[str, Any]) -> None:
 
 
 def _alignment(ch: _Checker, root: Path, m: dict[str, Any]) -> None:
-    from fusellm_kernels.store.alignment import ALIGNMENT_VERSIONS
+    from fusellm_kernels.store.alignment import ALIGNMENT_VERSIONS, _check_aligned_rows
 
     if m.get("format_version") not in ALIGNMENT_VERSIONS:
         ch.problem(f"{root / 'manifest.json'}: format_version {m.get('format_version')} is not one of {ALIGNMENT_VERSIONS}")
         return
+    aligned_rows = m.get("method", "minED") == "pta"  # aligned-rows shards (`fusellm align --method pta`)
+    width = (m.get("pta") or {}).get("width")
+    target_ids = None  # the target store's id count: aligned rows hold target ids
+    if aligned_rows:
+        with contextlib.suppress(StoreError, KeyError, TypeError, ValueError):
+            tpath = recorded_path(m["target"]["path"], root, int(m["format_version"]), relative_since=2)
+            target_ids = int(read_json(tpath / "manifest.json")["num_ids"])
     for s in m["shards"]:
         f = _shard_fields(ch, root, s)
         path = f and ch.file(root, f[0], f[1], f[2])
@@ -174,6 +182,17 @@ def _alignment(ch: _Checker, root: Path, m: dict[str, Any]) -> None:
         ch.offsets(path, t["doc_offsets"], rows)
         if rows and (int(t["source_pos"].min()) < -1 or int(t["fallback_id"].min()) < -1):
             ch.problem(f"{path}: source_pos or fallback_id below −1")
+        if aligned_rows:
+            try:
+                _check_aligned_rows(path, t)
+            except StoreError as e:
+                ch.problem(str(e))
+                continue
+            ids = t["row_ids"]
+            if width is not None and ids.shape[1] != int(width):
+                ch.problem(f"{path}: aligned rows of {ids.shape[1]} slots; the manifest records width {width}")
+            if target_ids is not None and ids.numel() and int(ids.max()) >= target_ids:
+                ch.problem(f"{path}: row_ids reach {int(ids.max())}, beyond the target store's {target_ids} ids")
     vm = ch.file(root, m.get("vocab_map", "vocab_map.pt"), m.get("vocab_map_sha256"), None, "vocab_map")
     if vm is not None:
         try:
