@@ -391,6 +391,10 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-tail", choices=("renormalize", "bucket"), default=None,
                    help="bucket: also train MinCE (the fusion seeds) with `fusellm train --teacher-tail bucket`, each "
                         "teacher's top-k tail kept, and report it beside MinCE renormalised (default: renormalize only)")
+    p.add_argument("--alignment", choices=("minED", "pta"), default=None,
+                   help="pta: also align each source with `fusellm align --method pta` (probabilistic token alignment), "
+                        "assemble those alignments and train MinCE (the fusion seeds) on them, reported beside MinCE "
+                        "with MinED with its cost (default: minED only)")
     p.add_argument("--overwrite", action="store_true", help="delete the run directory first and build everything again")
 
 
@@ -401,6 +405,7 @@ def _fuse_run(a: argparse.Namespace) -> RunSummary:
     t0 = time.perf_counter()
     overrides = {k: v for k, v in (("output", a.output), ("train_steps", a.train_steps), ("threads", a.threads),
                                    ("workers", a.workers), ("online", a.online or None), ("teacher_tail", a.teacher_tail),
+                                   ("alignment", a.alignment),
                                    ("progress", False if a.no_progress else None),
                                    ("clm_seeds", a.clm_seeds and tuple(a.clm_seeds)),
                                    ("fusion_seeds", a.fusion_seeds and tuple(a.fusion_seeds))) if v is not None}

@@ -459,3 +459,32 @@ def test_teacher_tail_bucket_beside_renormalize(smoke, tmp_path):
     assert set(t["bucket"]) == {r["name"] for r in bucket} and math.isfinite(t["difference"])
     assert t["difference"] == pytest.approx(t["renormalize_mean"] - t["bucket_mean"])
     assert "top-k tail" in (root / "report" / "report.md").read_text()
+
+
+def test_pta_alignment_beside_mined(smoke, tmp_path):
+    """`fusellm fuse --alignment pta` after a plain run in the same directory: only the PTA
+    alignments, their blocks and the MinCE PTA runs are new; the report sets them beside
+    MinCE on MinED with their cost. With --online it is refused in one line."""
+    cfg, first = smoke
+    root = tmp_path / "pta"
+    run_fuse(replace(cfg, output=str(root)), say=lambda _msg: None)
+    rep = run_fuse(replace(cfg, output=str(root), alignment="pta"), say=lambda _msg: None)
+    ran = sorted(n for n, s in rep["stages"].items() if s["ran"] and not n.startswith("["))
+    assert ran == sorted([*(f"align-pta {n}" for n in MODELS[1:]), "assemble train-pta",
+                          *(f"train mince-pta-seed{s}" for s in cfg.fusion_seeds)])
+    pta = [r for r in rep["runs"] if r["alignment"] == "pta"]
+    assert [r["name"] for r in pta] == [f"mince-pta-seed{s}" for s in cfg.fusion_seeds]
+    assert _json(root / "train" / pta[0]["name"] / "config.json")["data"].endswith("train-pta")
+    blocks = _json(root / "blocks" / "train-pta" / "manifest.json")
+    assert [c.get("method") for c in blocks["candidates"]] == [None, "pta", "pta"]
+    assert rep["verdict"] == first["verdict"]  # the verdict stays MinCE on MinED against CLM-only
+    p = rep["pta"]
+    assert set(p["pta"]) == {r["name"] for r in pta} and math.isfinite(p["difference"])
+    assert p["difference"] == pytest.approx(p["minED_mean"] - p["pta_mean"])
+    for n in MODELS[1:]:
+        c = p["cost"][n]
+        assert c["pta_seconds"] > 0 and c["pta_bytes_per_token"] > c["minED_bytes_per_token"]
+        assert c["sinkhorn"]["problems"] > 0 and c["sinkhorn"]["not_converged"] == 0
+    assert "Probabilistic token alignment" in (root / "report" / "report.md").read_text()
+    with pytest.raises(FuseError, match="--alignment = 'pta': PTA alignments are made by the offline stages"):
+        run_fuse(replace(cfg, output=str(tmp_path / "online"), alignment="pta", online=True), say=lambda _msg: None)

@@ -10,7 +10,8 @@
     prepare   `fusellm prepare` of both parts, documents cut to fit every model's context
     teacher   `fusellm teacher` of the target and of each source over the training part;
               of the target over the held-out part (its blocks are the trainer's evaluation)
-    align     `fusellm align` of each source against the target
+    align     `fusellm align` of each source against the target (with `--alignment pta` also
+              `--method pta`, whose blocks train MinCE beside MinCE on MinED; offline only)
     assemble  `fusellm assemble` of the training blocks (target + sources) and of the
               held-out blocks
     train     `fusellm train` (training/) of the target: CLM-only over several seeds, and
@@ -116,6 +117,9 @@ class FuseConfig:
     online: bool = False
     # the top-k tail: "bucket" also trains MinCE (the fusion seeds) with --teacher-tail bucket
     teacher_tail: str = "renormalize"
+    # "pta" also aligns each source with `fusellm align --method pta` and trains MinCE (the
+    # fusion seeds) on blocks assembled from those alignments
+    alignment: str = "minED"
     # execution: independent stages run `workers` at a time, `threads` torch threads each
     workers: int = 2
     threads: int = 1
@@ -152,6 +156,11 @@ class FuseConfig:
                 raise bad(option, list(seeds), "give at least one seed, distinct and non-negative")
         if not self.strategies or len(set(self.strategies)) != len(self.strategies):
             raise bad("strategies", self.strategies, "give at least one strategy, each once")
+        if self.alignment not in ("minED", "pta"):
+            raise bad("alignment", self.alignment, "choose minED or pta")
+        if self.online and self.alignment == "pta":
+            raise bad("alignment", self.alignment, "PTA alignments are made by the offline stages; run --alignment pta "
+                      "without --online")
         if self.online and (self.labels != "document" or self.align_reference):
             raise bad("online", self.online, "online training packs blocks with document labels and the default "
                       "alignment; the reference preset's --labels shifted-block and --reference run offline only")
@@ -220,7 +229,8 @@ class FuseConfig:
         builders: list[tuple[str, Callable[[], Any]]] = [
             *[("prepare", lambda part=part: _prepare_cfg(self, root, part)) for part in ("train", "heldout")],
             *[("teacher", lambda n=n, part=part: _teacher_cfg(self, root, n, part)) for n, part in _teacher_passes(self)],
-            *[("align", lambda n=n: _align_cfg(self, root, n)) for n, _ in self.sources if not self.online],
+            *[("align", lambda n=n, m=m: _align_cfg(self, root, n, m)) for n, _ in self.sources for m in _methods(self)
+              if not self.online],
             *[("assemble", lambda part=part: _assemble_cfg(self, root, part)) for part in _assembled_parts(self)],
             *[("train", lambda r=r: _train_cfg(self, root, *r).validate()) for r in _train_plan(self)],
         ]
@@ -236,7 +246,7 @@ class FuseConfig:
 
 #: the `fusellm fuse` flags, by FuseConfig field
 _FLAGS = {"train_steps": "--train-steps", "workers": "--workers", "threads": "--threads", "clm_seeds": "--clm-seeds",
-          "online": "--online", "teacher_tail": "--teacher-tail",
+          "online": "--online", "teacher_tail": "--teacher-tail", "alignment": "--alignment",
           "fusion_seeds": "--fusion-seeds", "output": "--output", "preset": "--preset"}
 
 #: (stage, the stage's flag) -> the FuseConfig field that sets it (see the _*_cfg builders)
@@ -561,7 +571,17 @@ def _teacher_passes(cfg: FuseConfig) -> list[tuple[str, str]]:
 
 
 def _assembled_parts(cfg: FuseConfig) -> tuple[str, ...]:
-    return ("heldout",) if cfg.online else ("train", "heldout")
+    """The blocks the job assembles; "train-pta": the training blocks of the PTA alignments."""
+    return ("heldout",) if cfg.online else ("train", "heldout", *(("train-pta",) if cfg.alignment == "pta" else ()))
+
+
+def _methods(cfg: FuseConfig) -> tuple[str, ...]:
+    """The alignments of each source: MinED always (the verdict's), PTA with --alignment pta."""
+    return ("minED", "pta") if cfg.alignment == "pta" else ("minED",)
+
+
+def _align_dir(root: Path, name: str, method: str) -> Path:
+    return root / ("align" if method == "minED" else "align-pta") / name
 
 
 def _teacher_cfg(cfg: FuseConfig, root: Path, name: str, part: str) -> Any:
@@ -574,43 +594,49 @@ def _teacher_cfg(cfg: FuseConfig, root: Path, name: str, part: str) -> Any:
                          docs_per_shard=512, batch_tokens=8192, device="cpu", progress=False, store_lse=True)
 
 
-def _align_cfg(cfg: FuseConfig, root: Path, name: str) -> Any:
+def _align_cfg(cfg: FuseConfig, root: Path, name: str, method: str = "minED") -> Any:
     from fusellm_kernels.pipeline.align_job import AlignConfig
 
     return AlignConfig(target=str(root / "teacher" / "target"), source=str(root / "teacher" / name),
-                       output=str(root / "align" / name), vocab_align=cfg.vocab_align, fallback=cfg.fallback,
-                       reference=cfg.align_reference, workers=cfg.workers, overwrite=True, progress=False)
+                       output=str(_align_dir(root, name, method)), vocab_align=cfg.vocab_align, fallback=cfg.fallback,
+                       reference=cfg.align_reference, workers=cfg.workers, overwrite=True, progress=False, method=method)
 
 
 def _assemble_cfg(cfg: FuseConfig, root: Path, part: str) -> Any:
     from fusellm_kernels.pipeline.assemble import AssembleConfig
 
-    sources = tuple(str(root / "align" / n) for n, _ in cfg.sources) if part == "train" else ()
-    tgt = root / "teacher" / ("target" if part == "train" else "target-heldout")
+    train = part != "heldout"
+    method = "pta" if part == "train-pta" else "minED"
+    sources = tuple(str(_align_dir(root, n, method)) for n, _ in cfg.sources) if train else ()
+    tgt = root / "teacher" / ("target" if train else "target-heldout")
     # held-out blocks keep the document labels: every preset is evaluated alike
     return AssembleConfig(target=str(tgt), sources=sources, output=str(root / "blocks" / part), block_len=cfg.block_len,
-                          score=cfg.score, labels=cfg.labels if part == "train" else "document", overwrite=True,
+                          score=cfg.score, labels=cfg.labels if train else "document", overwrite=True,
                           progress=False)
 
 
-def _train_plan(cfg: FuseConfig) -> list[tuple[str, str, str, int, str]]:
-    """(run name, mode, strategy, seed, teacher tail) of every training run."""
-    plan = [(f"clm-seed{s}", "clm", "min_ce", s, "renormalize") for s in cfg.clm_seeds]
-    plan += [(f"{st.replace('_', '')}-seed{s}", "fusion", st, s, "renormalize") for st in cfg.strategies for s in cfg.fusion_seeds]
+def _train_plan(cfg: FuseConfig) -> list[tuple[str, str, str, int, str, str]]:
+    """(run name, mode, strategy, seed, teacher tail, alignment) of every training run."""
+    plan = [(f"clm-seed{s}", "clm", "min_ce", s, "renormalize", "minED") for s in cfg.clm_seeds]
+    plan += [(f"{st.replace('_', '')}-seed{s}", "fusion", st, s, "renormalize", "minED")
+             for st in cfg.strategies for s in cfg.fusion_seeds]
     if cfg.teacher_tail == "bucket":
-        plan += [(f"mince-bucket-seed{s}", "fusion", "min_ce", s, "bucket") for s in cfg.fusion_seeds]
+        plan += [(f"mince-bucket-seed{s}", "fusion", "min_ce", s, "bucket", "minED") for s in cfg.fusion_seeds]
+    if cfg.alignment == "pta":
+        plan += [(f"mince-pta-seed{s}", "fusion", "min_ce", s, "renormalize", "pta") for s in cfg.fusion_seeds]
     return plan
 
 
 def _train_cfg(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str, seed: int,
-               teacher_tail: str = "renormalize") -> Any:
+               teacher_tail: str = "renormalize", alignment: str = "minED") -> Any:
     from training.config import TrainConfig
 
     # online: the live teacher pass keeps cfg.top_k slots (offline, the stores hold that many: top_k=0 takes them all)
     online = dict(online=True, corpus=str(root / "prepared" / "train"), score=cfg.score,
                   candidate=tuple(str(root / "models" / n) for n, _ in cfg.sources) if mode == "fusion" else ()) if cfg.online else {}
     return TrainConfig(
-        model=str(root / "models" / "target"), data="" if cfg.online else str(root / "blocks" / "train"),
+        model=str(root / "models" / "target"),
+        data="" if cfg.online else str(root / "blocks" / ("train-pta" if alignment == "pta" else "train")),
         output=str(root / "train" / name),
         eval_data=str(root / "blocks" / "heldout"), mode=mode, strategy=strategy, weighting=cfg.weighting, lam=cfg.lam,
         top_k=cfg.top_k if cfg.online else 0, seq_len=cfg.block_len, global_batch=cfg.global_batch, micro_batch=cfg.micro_batch, epochs=1_000_000,
@@ -708,18 +734,24 @@ def _job_model(name: str, spec: ModelSpec | PretrainedSource, texts: tuple[Path,
 
 def _job_teacher(tcfg: Any) -> dict[str, Any]:
     from fusellm_kernels.pipeline.teacher_pass import run_teacher_pass
+    from fusellm_kernels.store.manifest import SettingsMismatchError
 
-    return run_teacher_pass(tcfg).to_json()
+    try:
+        return run_teacher_pass(tcfg).to_json()
+    except SettingsMismatchError:
+        # the stage re-runs because its settings changed (else it would be cached): the store
+        # there is of the old settings (e.g. a run directory from before the lse was kept)
+        return run_teacher_pass(replace(tcfg, overwrite=True)).to_json()
 
 
 def _job_train(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str, seed: int,
-               teacher_tail: str = "renormalize") -> dict[str, Any]:
+               teacher_tail: str = "renormalize", alignment: str = "minED") -> dict[str, Any]:
     from training.config import TrainConfig
     from training.metrics import read_metrics
     from training.train import train
 
     out = root / "train" / name
-    tc = _train_cfg(cfg, root, name, mode, strategy, seed, teacher_tail)
+    tc = _train_cfg(cfg, root, name, mode, strategy, seed, teacher_tail, alignment)
     if (out / "config.json").exists():
         # this stage re-runs because its settings changed (else it would be cached), or it was
         # interrupted: a run of other settings starts over, an interrupted one resumes
@@ -747,6 +779,7 @@ def _job_train(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str,
         for cand, w in r.get("weight_mass", {}).items():
             mass[cand] = mass.get(cand, 0.0) + float(w)
     return {"name": name, "mode": mode, "strategy": strategy if mode == "fusion" else None, "seed": seed, "teacher_tail": teacher_tail,
+            "alignment": alignment,
             "steps": result["step"], "tokens": sum(int(r["tokens"]) for r in steps),
             "trainer_eval_curve": [(r["step"], r["eval_ppl"]) for r in evals],
             "ce_curve": [(r["step"], r["ce"]) for r in steps], "fusion_curve": [(r["step"], r["fusion"]) for r in steps],
@@ -861,6 +894,7 @@ def _run(cfg: FuseConfig, root: Path, stages: _Stages, say: Callable[[str], None
     say("[5/8] fusellm align: each source's tokens against the target's (exact MinED)"
         + (" — online: inside training" if cfg.online else ""))
     aligned: dict[str, dict[str, Any]] = {}
+    aligned_pta: dict[str, dict[str, Any]] = {}
     for name, _ in ([] if cfg.online else cfg.sources):
         out = root / "align" / name
         acfg = _align_cfg(cfg, root, name)
@@ -871,12 +905,25 @@ def _run(cfg: FuseConfig, root: Path, stages: _Stages, say: Callable[[str], None
         counts = json.loads((out / "manifest.json").read_text())["counts"]
         aligned[name] = {**aligned[name], "aligned_fraction": counts["aligned_fraction"]}
         say(f"    {name}: {aligned[name]['aligned_fraction']:.1%} of target rows aligned")
+        if cfg.alignment == "pta":  # the same pairing, each paired row's teacher from a transport plan
+            pcfg = _align_cfg(cfg, root, name, "pta")
+            done = stages.run(Job(f"align-pta {name}", (replace(pcfg, workers=1),), (Path(pcfg.output) / "manifest.json",),
+                                  lambda pcfg=pcfg: run_align(pcfg).to_json(), (),
+                                  after=("teacher target (train)", f"teacher {name} (train)")))
+            manifest = json.loads((Path(pcfg.output) / "manifest.json").read_text())
+            aligned_pta[name] = {**done, "bytes_per_token": manifest["bytes_per_token"], "sinkhorn": manifest["sinkhorn"],
+                                 "minED_bytes_per_token": json.loads((out / "manifest.json").read_text())["bytes_per_token"]}
+            sk = manifest["sinkhorn"]
+            say(f"    {name} (pta): {sk['problems']:,} transport plans, {sk['mean_iterations']:.1f} iterations on average, "
+                f"max marginal error {sk['max_marginal_error']:.1e}")
 
     say("[6/8] fusellm assemble: training and held-out blocks" + (" — online: held-out only" if cfg.online else ""))
     blocks = {}
     for part in _assembled_parts(cfg):
         bcfg = _assemble_cfg(cfg, root, part)
-        deps = (f"teacher target ({part})", *([f"align {n}" for n, _ in cfg.sources] if part == "train" else []))
+        align_stage = {"train": "align", "train-pta": "align-pta"}.get(part)
+        deps = (f"teacher target ({'heldout' if part == 'heldout' else 'train'})",
+                *([f"{align_stage} {n}" for n, _ in cfg.sources] if align_stage else []))
         blocks[part] = stages.run(Job(f"assemble {part}", (bcfg,), (Path(bcfg.output) / "manifest.json",),
                                       lambda bcfg=bcfg: run_assemble(bcfg).to_json(), (), after=deps))
         say(f"    {part}: {blocks[part]['blocks']} blocks of {cfg.block_len} rows")
@@ -890,11 +937,17 @@ def _run(cfg: FuseConfig, root: Path, stages: _Stages, say: Callable[[str], None
                  cfg.attention, cfg.fusion_rows, cfg.warmup_ratio, cfg.eval_every, cfg.eval_blocks, cfg.target.context,
                  *((cfg.online, cfg.top_k, cfg.score) if cfg.online else ()))
     plan = _train_plan(cfg)
-    jobs = [Job(f"train {name}", (train_key, mode, strategy, seed, tail), (root / "train" / name / "metrics.jsonl",), _job_train,
-                (cfg, root, name, mode, strategy, seed, tail),
-                after=(*[f"assemble {p}" for p in _assembled_parts(cfg)], "model target",
+
+    def blocks_read(alignment: str) -> list[str]:
+        # a MinED run's keys stay what they were before --alignment pta existed: it adds runs, it reruns none
+        parts = [p for p in _assembled_parts(cfg) if p != "train-pta"]
+        return [f"assemble {'train-pta' if p == 'train' and alignment == 'pta' else p}" for p in parts]
+
+    jobs = [Job(f"train {name}", (train_key, mode, strategy, seed, tail, *((align,) if align != "minED" else ())),
+                (root / "train" / name / "metrics.jsonl",), _job_train, (cfg, root, name, mode, strategy, seed, tail, align),
+                after=(*blocks_read(align), "model target",
                        *(["prepare train", *[f"model {n}" for n, _ in cfg.sources]] if cfg.online else [])),
-                steps=cfg.train_steps) for name, mode, strategy, seed, tail in plan]
+                steps=cfg.train_steps) for name, mode, strategy, seed, tail, align in plan]
     trained = stages.run_group("training runs", jobs)
     runs = [trained[f"train {name}"] for name, *_ in plan]
     for r in runs:
@@ -903,6 +956,6 @@ def _run(cfg: FuseConfig, root: Path, stages: _Stages, say: Callable[[str], None
     say("[8/8] report")
     written, total = _written_since(root, t_start_ns)
     return write_report(root, cfg=cfg, corpus=corpus, models=model_info, prepared=prepared, teacher=teacher,
-                        aligned=aligned, blocks=blocks, runs=runs, stages=stages.records, keys=stages.keys, group_of=stages.group_of,
+                        aligned=aligned, aligned_pta=aligned_pta, blocks=blocks, runs=runs, stages=stages.records, keys=stages.keys, group_of=stages.group_of,
                         ran=stages.ran, wall_seconds=time.perf_counter() - t_start, bytes_written=written,
                         bytes_total=total, say=say)

@@ -100,6 +100,22 @@ def tail_comparison(runs: dict[str, dict[str, Any]], renorm: list[str], bucket: 
             "difference_std": float(diff.std()), "difference_95": [lo, hi]}
 
 
+def alignment_comparison(runs: dict[str, dict[str, Any]], mined: list[str], pta: list[str], *,
+                         samples: int = BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
+    """MinCE on MinED alignments vs MinCE on PTA alignments (same seeds): the mean
+    perplexities, the difference MinED − PTA (> 0: PTA helps) and its evaluation noise, on the
+    verdict's bootstrap resamples (`_resampled`)."""
+    names, _, _, ppl = _resampled(runs, samples, seed)
+    col = {n: i for i, n in enumerate(names)}
+    diff = ppl[:, [col[n] for n in mined]].mean(1) - ppl[:, [col[n] for n in pta]].mean(1)
+    lo, hi = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    m_m = sum(runs[n]["perplexity"] for n in mined) / len(mined)
+    m_p = sum(runs[n]["perplexity"] for n in pta) / len(pta)
+    return {"minED": {n: runs[n]["perplexity"] for n in mined}, "pta": {n: runs[n]["perplexity"] for n in pta},
+            "minED_mean": m_m, "pta_mean": m_p, "difference": m_m - m_p, "relative": (m_m - m_p) / m_m,
+            "difference_std": float(diff.std()), "difference_95": [lo, hi]}
+
+
 def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
     out, acc = [], None
     for v in values:
@@ -118,8 +134,10 @@ def _plot(rep: dict[str, Any], runs: list[dict[str, Any]], png: Path) -> Path:
     fig, axes = plt.subplots(2, 2, figsize=(13, 9), constrained_layout=True)
     colors = {"clm": "tab:gray", "min_ce": "tab:blue", "avg_ce": "tab:orange", "softmin_ce": "tab:green"}
     colors["min_ce bucket"] = "tab:purple"
-    group = lambda r: "clm" if r["mode"] == "clm" else r["strategy"] + (" bucket" if r.get("teacher_tail") == "bucket" else "")  # noqa: E731
-    labels = {"clm": "CLM-only", "min_ce": "MinCE", "avg_ce": "AvgCE", "softmin_ce": "SoftminCE", "min_ce bucket": "MinCE, top-k tail"}
+    colors["min_ce pta"] = "tab:cyan"
+    group = lambda r: "clm" if r["mode"] == "clm" else r["strategy"] + (" bucket" if r.get("teacher_tail") == "bucket" else "") + (" pta" if r.get("alignment") == "pta" else "")  # noqa: E731
+    labels = {"clm": "CLM-only", "min_ce": "MinCE", "avg_ce": "AvgCE", "softmin_ce": "SoftminCE", "min_ce bucket": "MinCE, top-k tail",
+              "min_ce pta": "MinCE, PTA"}
     v, noise = rep["verdict"], rep["evaluation_noise"]
     best = v["clm_best"]
 
@@ -273,6 +291,25 @@ def _markdown(rep: dict[str, Any]) -> str:
               f"| bucket | {', '.join(t['bucket'])} | {t['bucket_mean']:.3f} | {t['train_seconds']['bucket']:.1f} |", "",
               f"Renormalize − bucket = {t['difference']:+.3f} ({t['relative']:+.2%}; > 0: the tail helps), evaluation noise "
               f"± {t['difference_std']:.3f}, 95 % interval [{t['difference_95'][0]:.3f}, {t['difference_95'][1]:.3f}]."]
+    if rep.get("pta"):
+        p = rep["pta"]
+        m += ["", "## Probabilistic token alignment (`--alignment pta`)", "",
+              "MinCE trained on blocks whose sources were aligned with `fusellm align --method pta` (each paired row's "
+              "teacher from an optimal-transport plan between the source's and the target's top-k) against MinCE on "
+              "the MinED alignments (the verdict's runs), same seeds, steps and pairing of positions.", "",
+              "| MinCE | runs | mean perplexity | training seconds (all seeds) |", "|---|---|---:|---:|",
+              f"| MinED | {', '.join(p['minED'])} | {p['minED_mean']:.3f} | {p['train_seconds']['minED']:.1f} |",
+              f"| PTA | {', '.join(p['pta'])} | {p['pta_mean']:.3f} | {p['train_seconds']['pta']:.1f} |", "",
+              f"MinED − PTA = {p['difference']:+.3f} ({p['relative']:+.2%}; > 0: PTA helps), evaluation noise "
+              f"± {p['difference_std']:.3f}, 95 % interval [{p['difference_95'][0]:.3f}, {p['difference_95'][1]:.3f}].", "",
+              "Cost per source (align seconds; alignment bytes per target token; Sinkhorn):", "",
+              "| source | align MinED (s) | align PTA (s) | MinED B/token | PTA B/token | transport plans | "
+              "mean iterations | max marginal error | not converged |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for n, c in p["cost"].items():
+            sk = c["sinkhorn"]
+            m.append(f"| {n} | {c['minED_seconds']:.1f} | {c['pta_seconds']:.1f} | {c['minED_bytes_per_token']:.1f} | "
+                     f"{c['pta_bytes_per_token']:.1f} | {sk['problems']:,} | {sk['mean_iterations']:.1f} | "
+                     f"{sk['max_marginal_error']:.1e} | {sk['not_converged']} |")
     if rep.get("online"):
         m += ["", "## Online training: where each run's time went", "",
               "Candidates and alignment run on the prefetch thread while the previous micro-batch trains; "
@@ -315,6 +352,7 @@ def _notes(v: dict[str, Any], rep: dict[str, Any]) -> list[str]:
 
 def write_report(root: Path, *, cfg: Any, corpus: dict[str, Any], models: dict[str, Any], prepared: dict[str, Any],
                  teacher: dict[str, Any], aligned: dict[str, Any], blocks: dict[str, Any], runs: list[dict[str, Any]],
+                 aligned_pta: dict[str, Any] | None = None,
                  stages: dict[str, Any], keys: dict[str, str], group_of: dict[str, str], ran: dict[str, bool], wall_seconds: float,
                  bytes_written: int, bytes_total: int, say: Callable[[str], None] = print) -> dict[str, Any]:
     import os
@@ -345,10 +383,14 @@ def write_report(root: Path, *, cfg: Any, corpus: dict[str, Any], models: dict[s
         btokens = int(bstore.manifest["counts"]["tokens"])
 
     scores = {r["name"]: r["heldout"] for r in runs}
+    runs_by = {r["name"]: r for r in runs}
     clm = [r["name"] for r in runs if r["mode"] == "clm"]
     renormalized = lambda r: r.get("teacher_tail", "renormalize") == "renormalize"  # noqa: E731
-    mince = [r["name"] for r in runs if r["mode"] == "fusion" and r["strategy"] == "min_ce" and renormalized(r)]
-    mince_bucket = [r["name"] for r in runs if r["mode"] == "fusion" and r["strategy"] == "min_ce" and not renormalized(r)]
+    pta = lambda r: r.get("alignment", "minED") == "pta"  # noqa: E731
+    min_ce = [r for r in runs if r["mode"] == "fusion" and r["strategy"] == "min_ce"]
+    mince = [r["name"] for r in min_ce if renormalized(r) and not pta(r)]  # the verdict's: MinED, renormalised
+    mince_bucket = [r["name"] for r in min_ce if not renormalized(r) and not pta(r)]
+    mince_pta = [r["name"] for r in min_ce if pta(r)]
     if not mince:
         raise ValueError("the report's verdict needs MinCE runs (strategies must include min_ce)")
     v = verdict([scores[n]["perplexity"] for n in clm], [scores[n]["perplexity"] for n in mince], tiny=cfg.tiny)
@@ -358,7 +400,7 @@ def write_report(root: Path, *, cfg: Any, corpus: dict[str, Any], models: dict[s
     for r in runs:
         paired = clm_by_seed.get(r["seed"]) if r["mode"] == "fusion" else None
         run_rows.append({"name": r["name"], "mode": r["mode"], "strategy": r["strategy"], "seed": r["seed"], "steps": r["steps"],
-                         "teacher_tail": r.get("teacher_tail", "renormalize"),
+                         "teacher_tail": r.get("teacher_tail", "renormalize"), "alignment": r.get("alignment", "minED"),
                          "tokens": r["tokens"], "perplexity": r["heldout"]["perplexity"],
                          "bits_per_byte": r["heldout"]["bits_per_byte"],
                          "vs_same_seed_clm": None if paired is None else r["heldout"]["perplexity"] - paired,
@@ -393,6 +435,16 @@ def write_report(root: Path, *, cfg: Any, corpus: dict[str, Any], models: dict[s
         tail = tail_comparison(scores, mince, mince_bucket)
         seconds = lambda names: sum(stages.get(f"train {n}", {}).get("seconds", 0.0) for n in names)  # noqa: E731
         rep["teacher_tail"] = {**tail, "train_seconds": {"renormalize": seconds(mince), "bucket": seconds(mince_bucket)}}
+    if mince_pta:
+        seconds = lambda names: sum(stages.get(f"train {n}", {}).get("seconds", 0.0) for n in names)  # noqa: E731
+        same_seeds = [n for n in mince if any(runs_by[n]["seed"] == runs_by[p]["seed"] for p in mince_pta)]
+        rep["pta"] = {**alignment_comparison(scores, same_seeds or mince, mince_pta),
+                      "train_seconds": {"minED": seconds(same_seeds or mince), "pta": seconds(mince_pta)},
+                      "cost": {n: {"minED_seconds": stages.get(f"align {n}", {}).get("seconds", 0.0),
+                                   "pta_seconds": stages.get(f"align-pta {n}", {}).get("seconds", 0.0),
+                                   "minED_bytes_per_token": a["minED_bytes_per_token"],
+                                   "pta_bytes_per_token": a["bytes_per_token"], "sinkhorn": a["sinkhorn"]}
+                               for n, a in (aligned_pta or {}).items()}}
     if online:
         rep["online"] = {r["name"]: r["online"] for r in runs}
     else:
