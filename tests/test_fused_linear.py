@@ -206,8 +206,8 @@ def _tiny_models():
     return {"llama": llama, "gpt2": gpt2}
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_transformers_integration(arch):
+@pytest.mark.parametrize("arch,tail", [("llama", "renormalize"), ("gpt2", "renormalize"), ("llama", "bucket")])
+def test_transformers_integration(arch, tail):
     from fusellm_kernels.integrations.transformers import fuse_causal_lm, shift_labels
 
     model = _tiny_models()[arch].eval()
@@ -219,13 +219,17 @@ def test_transformers_integration(arch):
     teacher_ids = torch.randint(-1, 80, (s, 2, 9, k), generator=g)
     teacher_logits = torch.randn(s, 2, 9, k, generator=g)
     teacher_ce = torch.rand(s, 2, 9, generator=g)
+    extra = {}
+    if tail == "bucket":  # each teacher's top-k holds about half of its mass
+        extra = dict(teacher_lse=teacher_logits.logsumexp(-1) + 0.7)
 
     logits = model(input_ids).logits
-    expected = fusion_loss(logits, shift_labels(labels), teacher_ids, teacher_logits, teacher_ce=teacher_ce, strategy="avg_ce")
+    expected = fusion_loss(logits, shift_labels(labels), teacher_ids, teacher_logits, teacher_ce=teacher_ce, strategy="avg_ce",
+                           teacher_tail=tail, **extra)
     expected_grads = torch.autograd.grad(expected, list(model.parameters()), allow_unused=True)
 
-    fused = fuse_causal_lm(model, strategy="avg_ce")
-    out = fused(input_ids, labels=labels, teacher_ids=teacher_ids, teacher_logits=teacher_logits, teacher_ce=teacher_ce)
+    fused = fuse_causal_lm(model, strategy="avg_ce", teacher_tail=tail)
+    out = fused(input_ids, labels=labels, teacher_ids=teacher_ids, teacher_logits=teacher_logits, teacher_ce=teacher_ce, **extra)
     assert out.logits is None
     grads = torch.autograd.grad(out.loss, list(fused.parameters()), allow_unused=True)
     assert_close_fp32(out.loss, expected, what="loss")
