@@ -175,6 +175,9 @@ def _fsdp_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
     if rank == 0:
         torch.save({"loss": loss.detach(), "grads": grads}, out_file)
+    # both ranks leave together: a rank that tore its gloo pairs down while the other was
+    # still saving aborted it now and then ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 

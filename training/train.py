@@ -265,6 +265,10 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None
     export_dir = export_model(model, cfg.model, out / "export", d) if cfg.export else None
     if cfg.plot and d.is_main and (out / "metrics.jsonl").exists():
         plot_curves(out / "metrics.jsonl", out / "curves.png")
+    if d.world > 1:
+        # the ranks leave together: one tearing its gloo pairs down while rank 0 still writes
+        # the export and curves can abort the other ("terminate called without an active exception")
+        dist.barrier()
     written = [p for folder in (last_saved, export_dir) if folder for p in Path(folder).rglob("*") if p.is_file()]
     return {"step": state.step, "steps_run": steps_run, "blocks": steps_run * cfg.global_batch, "tokens": tokens_run,
             "seconds": time.perf_counter() - started, "bytes_written": sum(p.stat().st_size for p in written),
