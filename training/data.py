@@ -153,14 +153,19 @@ def _aligned_rows(blocks: BlockStore, i: int, name: str, verify: bool, locks: Lo
     if not al.aligned_rows:
         raise DataError(f"{manifest} says candidate {i} ({name}) was aligned with --method pta, but {path} holds "
                         f"{al.method} position maps; assemble the blocks again")
-    lo = min((sh.first_doc_id for sh in al.shards), default=0)
-    hi = max((sh.last_doc_id for sh in al.shards), default=-1)
+    _check_covers(blocks, al.shards, f"candidate {i}'s alignment {path}", "alignment")
+    return al
+
+
+def _check_covers(blocks: BlockStore, shards: list[Any], what: str, kind: str) -> None:
+    """A store or alignment of another corpus (or a partial one) rarely covers the blocks'
+    document ids: refused, naming the first block shard it misses."""
+    lo = min((sh.first_doc_id for sh in shards), default=0)
+    hi = max((sh.last_doc_id for sh in shards), default=-1)
     for sh in blocks.shards:
         if sh.documents and (sh.first_doc_id < lo or sh.last_doc_id > hi):
-            raise DataError(f"{blocks.root / sh.file} holds documents {sh.first_doc_id}..{sh.last_doc_id} but candidate "
-                            f"{i}'s alignment {path} holds ids {lo}..{hi}: is it the alignment these blocks were "
-                            "assembled from?")
-    return al
+            raise DataError(f"{blocks.root / sh.file} holds documents {sh.first_doc_id}..{sh.last_doc_id} but {what} "
+                            f"holds ids {lo}..{hi}: is it the {kind} these blocks were assembled from?")
 
 
 def _eval_blocks(eval_data: str, seq_len: int, verify: bool, locks: LockSet | None) -> BlockReader:
@@ -212,14 +217,7 @@ def open_data(data: str, eval_data: str, eval_holdout: int, *, seq_len: int, mod
             maps.append(_load_vocab_map(vm_path, num_ids, model_vocab, cand.get("vocab_map_sha256") if verify else None)
                         if vm_path else None)
             stores.append(store)
-            # a store from another corpus (or a partial one) rarely covers the blocks' document ids
-            lo = min((sh.first_doc_id for sh in store.shards), default=0)
-            hi = max((sh.last_doc_id for sh in store.shards), default=-1)
-            for sh in blocks.shards:
-                if sh.documents and (sh.first_doc_id < lo or sh.last_doc_id > hi):
-                    raise DataError(f"{blocks.root / sh.file} holds documents {sh.first_doc_id}..{sh.last_doc_id} but candidate "
-                                    f"{i}'s teacher store {store_path} holds ids {lo}..{hi}: is it the store these blocks "
-                                    "were assembled from?")
+            _check_covers(blocks, store.shards, f"candidate {i}'s teacher store {store_path}", "store")
         first = blocks.shard(0) if len(blocks.shards) else None
         if first is not None and first.source_pos.shape[0] != len(stores):
             raise DataError(f"{blocks.root / blocks.shards[0].file} holds {first.source_pos.shape[0]} candidates "

@@ -85,34 +85,21 @@ def _resampled(runs: dict[str, dict[str, Any]], samples: int, seed: int):
     return names, nll, tok, torch.exp((counts @ nll.T) / (counts @ tok.T))
 
 
-def tail_comparison(runs: dict[str, dict[str, Any]], renorm: list[str], bucket: list[str], *,
-                    samples: int = BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
-    """MinCE renormalised vs MinCE with the bucketed tail (same seeds): the mean perplexities,
-    the difference renormalised − bucket (> 0: the tail helps) and its evaluation noise."""
-    names, _, _, ppl = _resampled(runs, samples, seed)
-    col = {n: i for i, n in enumerate(names)}
-    diff = ppl[:, [col[n] for n in renorm]].mean(1) - ppl[:, [col[n] for n in bucket]].mean(1)
+def paired_comparison(runs: dict[str, dict[str, Any]], first: list[str], second: list[str], names: tuple[str, str], *,
+                      samples: int = BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
+    """Two groups of runs of the same seeds (MinCE renormalised vs with the tail bucket, on
+    MinED vs on PTA alignments): each run's and each group's mean perplexity under `names`,
+    the difference first − second (> 0: the second is better) and its evaluation noise on
+    the verdict's bootstrap resamples (`_resampled`)."""
+    got, _, _, ppl = _resampled(runs, samples, seed)
+    col = {n: i for i, n in enumerate(got)}
+    diff = ppl[:, [col[n] for n in first]].mean(1) - ppl[:, [col[n] for n in second]].mean(1)
     lo, hi = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    m_r = sum(runs[n]["perplexity"] for n in renorm) / len(renorm)
-    m_b = sum(runs[n]["perplexity"] for n in bucket) / len(bucket)
-    return {"renormalize": {n: runs[n]["perplexity"] for n in renorm}, "bucket": {n: runs[n]["perplexity"] for n in bucket},
-            "renormalize_mean": m_r, "bucket_mean": m_b, "difference": m_r - m_b, "relative": (m_r - m_b) / m_r,
-            "difference_std": float(diff.std()), "difference_95": [lo, hi]}
-
-
-def alignment_comparison(runs: dict[str, dict[str, Any]], mined: list[str], pta: list[str], *,
-                         samples: int = BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
-    """MinCE on MinED alignments vs MinCE on PTA alignments (same seeds): the mean
-    perplexities, the difference MinED − PTA (> 0: PTA helps) and its evaluation noise, on the
-    verdict's bootstrap resamples (`_resampled`)."""
-    names, _, _, ppl = _resampled(runs, samples, seed)
-    col = {n: i for i, n in enumerate(names)}
-    diff = ppl[:, [col[n] for n in mined]].mean(1) - ppl[:, [col[n] for n in pta]].mean(1)
-    lo, hi = torch.quantile(diff, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    m_m = sum(runs[n]["perplexity"] for n in mined) / len(mined)
-    m_p = sum(runs[n]["perplexity"] for n in pta) / len(pta)
-    return {"minED": {n: runs[n]["perplexity"] for n in mined}, "pta": {n: runs[n]["perplexity"] for n in pta},
-            "minED_mean": m_m, "pta_mean": m_p, "difference": m_m - m_p, "relative": (m_m - m_p) / m_m,
+    m1 = sum(runs[n]["perplexity"] for n in first) / len(first)
+    m2 = sum(runs[n]["perplexity"] for n in second) / len(second)
+    a, b = names
+    return {a: {n: runs[n]["perplexity"] for n in first}, b: {n: runs[n]["perplexity"] for n in second},
+            f"{a}_mean": m1, f"{b}_mean": m2, "difference": m1 - m2, "relative": (m1 - m2) / m1,
             "difference_std": float(diff.std()), "difference_95": [lo, hi]}
 
 
@@ -432,13 +419,13 @@ def write_report(root: Path, *, cfg: Any, corpus: dict[str, Any], models: dict[s
         "files": {"json": str(out / "report.json"), "markdown": str(out / "report.md"), "curves": str(out / "curves.png")},
     }
     if mince_bucket:
-        tail = tail_comparison(scores, mince, mince_bucket)
+        tail = paired_comparison(scores, mince, mince_bucket, ("renormalize", "bucket"))
         seconds = lambda names: sum(stages.get(f"train {n}", {}).get("seconds", 0.0) for n in names)  # noqa: E731
         rep["teacher_tail"] = {**tail, "train_seconds": {"renormalize": seconds(mince), "bucket": seconds(mince_bucket)}}
     if mince_pta:
         seconds = lambda names: sum(stages.get(f"train {n}", {}).get("seconds", 0.0) for n in names)  # noqa: E731
         same_seeds = [n for n in mince if any(runs_by[n]["seed"] == runs_by[p]["seed"] for p in mince_pta)]
-        rep["pta"] = {**alignment_comparison(scores, same_seeds or mince, mince_pta),
+        rep["pta"] = {**paired_comparison(scores, same_seeds or mince, mince_pta, ("minED", "pta")),
                       "train_seconds": {"minED": seconds(same_seeds or mince), "pta": seconds(mince_pta)},
                       "cost": {n: {"minED_seconds": stages.get(f"align {n}", {}).get("seconds", 0.0),
                                    "pta_seconds": stages.get(f"align-pta {n}", {}).get("seconds", 0.0),
