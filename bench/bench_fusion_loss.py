@@ -339,6 +339,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="results folder (default bench/results/<card>/)")
     p.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
     p.add_argument("--providers", help=f"comma-separated subset of {','.join(PROVIDERS)}")
+    p.add_argument("--rows", type=int, help="N (default 8192; quick 64)")
     p.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes (default 32000 128256; quick 1000 70000)")
     p.add_argument("--candidates", type=int, nargs="+", help="teacher counts S (default 2 3 4; quick 2 4)")
     p.add_argument("--rep-ms", type=float, help="timing window per provider and shape in ms (default 200; quick 20)")
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         device=device,
         # bf16 is what training feeds the loss on a GPU; CPUs lack fast bf16, and fp32 keeps the check tight.
         dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-        rows=64 if args.quick else 8192,
+        rows=args.rows or (64 if args.quick else 8192),
         vocabs=tuple(args.vocab or ((1000, 70000) if args.quick else (32000, 128256))),
         candidates=tuple(args.candidates or ((2, 4) if args.quick else (2, 3, 4))),
         top_k=10,

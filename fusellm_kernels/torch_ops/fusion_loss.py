@@ -107,17 +107,19 @@ def bucket_teacher(teacher_ids: Tensor, teacher_logits: Tensor, teacher_lse: Ten
     )
 
 
-def bucket_out_mass(x: Tensor, bt: BucketTeacher, r: slice) -> Tensor:
+def bucket_out_mass(x: Tensor, bt: BucketTeacher, r: slice) -> tuple[Tensor, Tensor]:
     """log Q_s [C, S] for rows r from x [C, V] = exp(z − m) (any m, fp32): the student's mass
-    outside each candidate's ids. Σ_v x and the in-set terms are summed in float64 from the
-    very same fp32 values, so the difference is exact up to fp64 rounding: Q_s down to about
-    1e-12 keeps its digits where 1 − Σ_{I_s} q in fp32 would cancel to 0."""
+    outside each candidate's ids; and log Σ_v x [C] (so lse = m + it). Σ_v x and the in-set
+    terms are summed in float64 from the very same fp32 values, so the difference is exact up
+    to fp64 rounding: Q_s down to about 1e-12 keeps its digits where 1 − Σ_{I_s} q in fp32
+    would cancel to 0."""
     total = x.sum(1, dtype=torch.float64)
     inset = torch.where(bt.first_in_cand[r], x.gather(1, bt.ids[r]), 0.0).double()  # [C, E]
     own = bt.cand[:, None] == torch.arange(bt.wbar.shape[1], device=x.device)  # [E, S]
     inset = inset @ own.double()  # [C, S]: each id of I_s once
     out = (total[:, None] - inset).clamp_min(0)
-    return (torch.log(out) - torch.log(total)[:, None]).float()
+    log_total = torch.log(total)
+    return (torch.log(out) - log_total[:, None]).float(), log_total.float()
 
 
 def bucket_terms(bt: BucketTeacher, log_q_out: Tensor, r: slice, kl: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -219,12 +221,18 @@ class TorchFusionLossFunction(torch.autograd.Function):
         for r0 in range(0, n, step):
             r = slice(r0, min(n, r0 + step))
             z = logits[r].float()
-            lse[r] = torch.logsumexp(z, dim=-1)
+            if bt is None:
+                lse[r] = torch.logsumexp(z, dim=-1)
+            else:
+                # one exp pass serves lse and Q_s: lse = m + log Σ exp(z − m), the sum in float64
+                m = z.amax(1, keepdim=True)
+                m = torch.where(m.isfinite(), m, 0.0)  # as torch.logsumexp treats an all −inf row
+                log_q_out, log_total = bucket_out_mass((z - m).exp_(), bt, r)
+                lse[r] = m[:, 0] + log_total
+                d_tail, beta[r], beta_e[r] = bucket_terms(bt, log_q_out, r, kl)
+                d_row[r] += d_tail
             ce_row[r] = lse[r] - z.gather(1, safe_labels[r, None])[:, 0]
             d_row[r] += (entry_p[r] * (lse[r, None] - z.gather(1, entry_ids[r]))).sum(-1)
-            if bt is not None:
-                d_tail, beta[r], beta_e[r] = bucket_terms(bt, bucket_out_mass(torch.exp(z - lse[r, None]), bt, r), r, kl)
-                d_row[r] += d_tail
         ce_row = torch.where(ce_on, ce_row, 0.0)
         ce_row = torch.where(bad_label, float("nan"), ce_row)
         d_row = torch.where(has_f, d_row, 0.0)
@@ -346,7 +354,7 @@ def fusion_loss_chunk_(
     d_row = (entry_p * (log_sum[:, None] - z_entry)).sum(-1)
     if bt is not None:
         rows = slice(0, c)
-        d_tail, beta, beta_e = bucket_terms(bt, bucket_out_mass(x, bt, rows), rows, kl)
+        d_tail, beta, beta_e = bucket_terms(bt, bucket_out_mass(x, bt, rows)[0], rows, kl)
         d_row = d_row + d_tail
     elif kl:
         d_row = d_row + _entry_entropy(entry_ids, entry_p)
