@@ -126,16 +126,13 @@ def _loss_kwargs(x: LossInputs) -> dict:
 
 def build_provider(name: str, device: torch.device, explicit: bool) -> LossFn:
     """The provider's loss function; raises Skip or ImportError when it cannot run here."""
+    from fusellm_kernels import fusion_loss
     from fusellm_kernels.reference import fusion_loss_gather, fusion_loss_reference
 
     if name == "fused":
-        from fusellm_kernels import fusion_loss  # ImportError until the public op exists
-
         backend = "auto" if device.type == "cuda" else "torch"
         return lambda x: fusion_loss(x.logits, x.labels, x.teacher_ids, x.teacher_logits, backend=backend, **_loss_kwargs(x))
     if name == "fused_bucket":
-        from fusellm_kernels import fusion_loss
-
         backend = "auto" if device.type == "cuda" else "torch"
         return lambda x: fusion_loss(x.logits, x.labels, x.teacher_ids, x.teacher_logits, backend=backend,
                                      teacher_lse=x.teacher_lse, teacher_tail="bucket", **_loss_kwargs(x))
@@ -145,7 +142,6 @@ def build_provider(name: str, device: torch.device, explicit: bool) -> LossFn:
     if name.startswith(PPS_PREFIX):
         if device.type != "cuda":
             raise Skip("programs per SM exist only on CUDA (the Triton interpreter has no SMs)")
-        from fusellm_kernels import fusion_loss
         from fusellm_kernels.ops.launch_config import persistent_programs
 
         programs_per_sm = int(name[len(PPS_PREFIX):])
