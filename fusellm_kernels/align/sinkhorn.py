@@ -72,8 +72,9 @@ _SEARCH_ROUNDS = ((0,), (1, 2, 3), tuple(range(4, 12)), tuple(range(12, 39)))
 
 @dataclass(frozen=True)
 class SinkhornResult:
-    """log_plan float32 [B, N, M] (−inf on padding); marginal_error float32 [B] (row marginal
-    error of the returned plan, columns exact); iterations int32 [B]; converged bool [B]."""
+    """log_plan float32 [B, N, M] (−inf on padding); marginal_error float32 [B] (the larger of
+    the row and column marginal errors of the returned plan); iterations int32 [B]; converged
+    bool [B]."""
 
     log_plan: Tensor
     marginal_error: Tensor
@@ -121,7 +122,6 @@ def sinkhorn_log(
     # rounded once (summing float32 potentials of magnitude ~100 would cost ~1e-5 relative)
     f_out = torch.full_like(log_a, float("-inf"), dtype=torch.float64)
     g_out = torch.full_like(log_b, float("-inf"), dtype=torch.float64)
-    error_out = torch.full((batch,), float("inf"), device=cost.device)
     iters_out = torch.full((batch,), max_iter, dtype=torch.int32, device=cost.device)
 
     # the working set: problems not yet converged
@@ -148,7 +148,7 @@ def sinkhorn_log(
                 newly = torch.ones_like(newly)
             if bool(newly.any()):
                 ids = idx[newly]
-                f_out[ids], g_out[ids], error_out[ids] = f[newly].double(), g[newly].double(), error[newly]
+                f_out[ids], g_out[ids] = f[newly].double(), g[newly].double()
                 iters_out[ids] = it
                 keep = ~newly
                 if not bool(keep.any()):
