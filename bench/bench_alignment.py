@@ -303,7 +303,7 @@ def run_pta(source: Side, target: Side, docs, cfg: Config, env: Environment, out
     """MinED's position maps against PTA's aligned rows on the same documents, one batch."""
     import torch
 
-    from fusellm_kernels.align.pta import PtaSettings, TokenCost, pta_teacher_rows
+    from fusellm_kernels.align.pta import PtaSettings, TokenCost, paired_source_rows, pta_teacher_rows
 
     torch.set_num_threads(1)  # as each worker of `fusellm align` runs
     index = {t: i for i, t in enumerate(target.vocab) if t is not None}
@@ -323,11 +323,7 @@ def run_pta(source: Side, target: Side, docs, cfg: Config, env: Environment, out
 
     def pta():
         pms = maps()
-        bases = [0]
-        for x in s_ids:
-            bases.append(bases[-1] + x.shape[0])
-        source_rows = torch.cat([torch.where(torch.from_numpy(pm.source_pos) >= 0,
-                                             torch.from_numpy(pm.source_pos).long() + b, -1) for pm, b in zip(pms, bases)])
+        source_rows = paired_source_rows([torch.from_numpy(pm.source_pos) for pm in pms], [x.shape[0] for x in s_ids])
         fallback = torch.cat([torch.from_numpy(pm.fallback_id) for pm in pms])
         start = time.perf_counter()
         import fusellm_kernels.align.pta as pta_module

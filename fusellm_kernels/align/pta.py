@@ -150,6 +150,17 @@ class PtaRows:
     converged: Tensor
 
 
+def paired_source_rows(source_pos: Sequence[Tensor], source_lengths: Sequence[int]) -> Tensor:
+    """int64: documents' position maps (source_pos, −1 none) as rows of their source tables
+    concatenated in the same order (the `source_rows` of `pta_teacher_rows` for a batch)."""
+    out, base = [], 0
+    for pos, n in zip(source_pos, source_lengths):
+        pos = pos.long()
+        out.append(torch.where(pos >= 0, pos + base, -1))
+        base += int(n)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+
+
 def _map_ids(ids: Tensor, vocab_map: Tensor) -> Tensor:
     known = (ids >= 0) & (ids < vocab_map.shape[0])
     return torch.where(known, vocab_map[torch.where(known, ids, 0)].long(), -1)

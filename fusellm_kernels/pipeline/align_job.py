@@ -202,14 +202,12 @@ class DocumentAligner:
                                    torch.cat(converged) if converged else torch.zeros(0, dtype=torch.bool))
 
     def _pta_batch(self, pairs: list[tuple[TeacherRecord, TeacherRecord]], maps: list[DocAlignment]) -> tuple[list[DocAlignment], Any]:
-        from fusellm_kernels.align.pta import pta_teacher_rows
+        from fusellm_kernels.align.pta import paired_source_rows, pta_teacher_rows
 
         assert self.pta is not None and self.token_cost is not None
-        bases = torch.tensor([0] + [s.num_tokens for _, s in pairs]).cumsum(0)
-        source_rows = torch.cat([torch.where(m.source_pos >= 0, m.source_pos.long() + int(b), -1)
-                                 for m, b in zip(maps, bases.tolist())])
         rows = pta_teacher_rows(
-            source_rows, torch.cat([m.fallback_id for m in maps]),
+            paired_source_rows([m.source_pos for m in maps], [s.num_tokens for _, s in pairs]),
+            torch.cat([m.fallback_id for m in maps]),
             torch.cat([t.topk_ids for t, _ in pairs]), torch.cat([t.topk_logits for t, _ in pairs]),
             torch.cat([s.topk_ids for _, s in pairs]), torch.cat([s.topk_logits for _, s in pairs]),
             self.vocab_map, self.token_cost, self.pta,
