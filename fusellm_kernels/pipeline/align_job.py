@@ -64,10 +64,10 @@ class AlignConfig:
     progress: bool = True
     verify: bool = True  # check every input shard's SHA-256 before its first use (--no-verify: unsafe)
     method: str = "minED"  # or "pta": optimal-transport aligned rows
-    pta_top_k: int = 10  # K', the authors' logits_number
-    pta_lambda: float = 30.0  # inverse entropic regulariser, the authors' lam
-    pta_tolerance: float = 1e-5  # Sinkhorn's row marginal error, the authors' epsilon
-    pta_max_iter: int = 1000
+    pta_top_k: int = PtaSettings.top_k  # K', the authors' logits_number
+    pta_lambda: float = PtaSettings.lam  # inverse entropic regulariser, the authors' lam
+    pta_tolerance: float = PtaSettings.tol  # Sinkhorn's row marginal error, the authors' epsilon
+    pta_max_iter: int = PtaSettings.max_iter
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -263,9 +263,6 @@ class _Aligner:
 
     def documents(self, doc_ids: list[int]) -> tuple[list[DocAlignment], dict[str, Any]]:
         return self.aligner.align_documents([self.records(d) for d in doc_ids])
-
-    def document(self, doc_id: int) -> DocAlignment:
-        return self.aligner.align(*self.records(doc_id))
 
     def records(self, doc_id: int) -> tuple[TeacherRecord, TeacherRecord]:
         trec = self.target.get(doc_id)
