@@ -386,7 +386,9 @@ def run_pta(source: Side, target: Side, docs, cfg: Config, env: Environment, out
     return records
 
 
-def run_vocab_map(source: Side, target: Side, cfg: Config, env: Environment, out: Path, workers: int) -> tuple[list[BenchRecord], bool]:
+def run_vocab_map(source: Side, target: Side, cfg: Config, env: Environment, out: Path,
+                  workers: int) -> tuple[list[BenchRecord], bool, Any]:
+    """The records, whether the sample matched the reference, and the map (PTA reuses it)."""
     sizes = {"V_source": len(source.vocab), "V_target": len(target.vocab)}
     names = {"source": source.name, "target": target.name, "workers": workers, **machine()}
     start = time.perf_counter()
@@ -416,8 +418,7 @@ def run_vocab_map(source: Side, target: Side, cfg: Config, env: Environment, out
     ]
     for record in records:
         append_jsonl(out, record)
-    run_vocab_map.last_map = mapped  # type: ignore[attr-defined]  # PTA reuses it
-    return records, exact
+    return records, exact, mapped
 
 
 # ---------------------------------------------------------------------------- main
@@ -460,12 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     out = (args.out or results_dir(env.card)) / "alignment.jsonl"
     docs = documents(source, target, text, cfg)
     records, ok = run_alignment(source, target, docs, cfg, env, out)
+    vmap = None
     if not args.skip_vocab_map:
-        more, vocab_ok = run_vocab_map(source, target, cfg, env, out, args.workers)
+        more, vocab_ok, vmap = run_vocab_map(source, target, cfg, env, out, args.workers)
         records += more
         ok &= vocab_ok
     if not args.skip_pta:
-        vmap = getattr(run_vocab_map, "last_map", None)
         if vmap is None:
             vmap = vocab_map(source.vocab, target.vocab, source_marker=source.marker, target_marker=target.marker,
                              kind="soft", source_logits_size=len(source.vocab), workers=args.workers)
