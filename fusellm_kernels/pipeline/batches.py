@@ -144,7 +144,7 @@ def build_batch(
                         what = "aligned rows" if aligned_rows else "teacher store"
                         raise KeyError(f"document {doc_id} of the blocks is missing from candidate {s}'s {what} {src.root}") from None
                     base[doc_id] = total
-                    total += tables[doc_id][0].shape[0] if aligned_rows else records[doc_id].num_tokens
+                    total += tables[doc_id][0].shape[0]  # one table row per target (or source) token
                 piece_base.append(base[doc_id])
             pb = torch.tensor(piece_base + [0], dtype=torch.int64)  # index −1 (padding) reads the 0
             sp = blk.source_pos[s].long()
