@@ -103,6 +103,17 @@ def paired_comparison(runs: dict[str, dict[str, Any]], first: list[str], second:
             "difference_std": float(diff.std()), "difference_95": [lo, hi]}
 
 
+def _comparison_md(c: dict[str, Any], first: tuple[str, str], second: tuple[str, str], difference: str,
+                   better: str) -> list[str]:
+    """The markdown of a `paired_comparison` (with its `train_seconds`): a table row per group
+    (first / second: the group's key and its label), then the difference and its noise."""
+    rows = [f"| {label} | {', '.join(c[key])} | {c[f'{key}_mean']:.3f} | {c['train_seconds'][key]:.1f} |"
+            for key, label in (first, second)]
+    return ["| MinCE | runs | mean perplexity | training seconds (all seeds) |", "|---|---|---:|---:|", *rows, "",
+            f"{difference} = {c['difference']:+.3f} ({c['relative']:+.2%}; > 0: {better}), evaluation noise "
+            f"± {c['difference_std']:.3f}, 95 % interval [{c['difference_95'][0]:.3f}, {c['difference_95'][1]:.3f}]."]
+
+
 def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
     out, acc = [], None
     for v in values:
@@ -273,22 +284,14 @@ def _markdown(rep: dict[str, Any]) -> str:
         m += ["", "## The top-k tail (`--teacher-tail bucket`)", "",
               "MinCE with each teacher's mass outside its top-k kept as one bucket (`fusellm train --teacher-tail "
               "bucket`) against MinCE renormalised over the top-k (the original), same seeds and steps.", "",
-              "| MinCE | runs | mean perplexity | training seconds (all seeds) |", "|---|---|---:|---:|",
-              f"| renormalize | {', '.join(t['renormalize'])} | {t['renormalize_mean']:.3f} | {t['train_seconds']['renormalize']:.1f} |",
-              f"| bucket | {', '.join(t['bucket'])} | {t['bucket_mean']:.3f} | {t['train_seconds']['bucket']:.1f} |", "",
-              f"Renormalize − bucket = {t['difference']:+.3f} ({t['relative']:+.2%}; > 0: the tail helps), evaluation noise "
-              f"± {t['difference_std']:.3f}, 95 % interval [{t['difference_95'][0]:.3f}, {t['difference_95'][1]:.3f}]."]
+              *_comparison_md(t, ("renormalize", "renormalize"), ("bucket", "bucket"), "Renormalize − bucket", "the tail helps")]
     if rep.get("pta"):
         p = rep["pta"]
         m += ["", "## Probabilistic token alignment (`--alignment pta`)", "",
               "MinCE trained on blocks whose sources were aligned with `fusellm align --method pta` (each paired row's "
               "teacher from an optimal-transport plan between the source's and the target's top-k) against MinCE on "
               "the MinED alignments (the verdict's runs), same seeds, steps and pairing of positions.", "",
-              "| MinCE | runs | mean perplexity | training seconds (all seeds) |", "|---|---|---:|---:|",
-              f"| MinED | {', '.join(p['minED'])} | {p['minED_mean']:.3f} | {p['train_seconds']['minED']:.1f} |",
-              f"| PTA | {', '.join(p['pta'])} | {p['pta_mean']:.3f} | {p['train_seconds']['pta']:.1f} |", "",
-              f"MinED − PTA = {p['difference']:+.3f} ({p['relative']:+.2%}; > 0: PTA helps), evaluation noise "
-              f"± {p['difference_std']:.3f}, 95 % interval [{p['difference_95'][0]:.3f}, {p['difference_95'][1]:.3f}].", "",
+              *_comparison_md(p, ("minED", "MinED"), ("pta", "PTA"), "MinED − PTA", "PTA helps"), "",
               "Cost per source (align seconds; alignment bytes per target token; Sinkhorn):", "",
               "| source | align MinED (s) | align PTA (s) | MinED B/token | PTA B/token | transport plans | "
               "mean iterations | max marginal error | not converged |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -418,12 +421,11 @@ def write_report(root: Path, *, cfg: Any, corpus: dict[str, Any], models: dict[s
         "wall_seconds": wall_seconds, "bytes_written": bytes_written, "bytes_total": bytes_total,
         "files": {"json": str(out / "report.json"), "markdown": str(out / "report.md"), "curves": str(out / "curves.png")},
     }
+    seconds = lambda names: sum(stages.get(f"train {n}", {}).get("seconds", 0.0) for n in names)  # noqa: E731
     if mince_bucket:
         tail = paired_comparison(scores, mince, mince_bucket, ("renormalize", "bucket"))
-        seconds = lambda names: sum(stages.get(f"train {n}", {}).get("seconds", 0.0) for n in names)  # noqa: E731
         rep["teacher_tail"] = {**tail, "train_seconds": {"renormalize": seconds(mince), "bucket": seconds(mince_bucket)}}
     if mince_pta:
-        seconds = lambda names: sum(stages.get(f"train {n}", {}).get("seconds", 0.0) for n in names)  # noqa: E731
         same_seeds = [n for n in mince if any(runs_by[n]["seed"] == runs_by[p]["seed"] for p in mince_pta)]
         rep["pta"] = {**paired_comparison(scores, same_seeds or mince, mince_pta, ("minED", "pta")),
                       "train_seconds": {"minED": seconds(same_seeds or mince), "pta": seconds(mince_pta)},
