@@ -896,14 +896,14 @@ def _run(cfg: FuseConfig, root: Path, stages: _Stages, say: Callable[[str], None
     aligned: dict[str, dict[str, Any]] = {}
     aligned_pta: dict[str, dict[str, Any]] = {}
     for name, _ in ([] if cfg.online else cfg.sources):
-        out = root / "align" / name
+        out = _align_dir(root, name, "minED")
         acfg = _align_cfg(cfg, root, name)
         aligned[name] = stages.run(Job(f"align {name}", (replace(acfg, workers=1),), (out / "manifest.json",),
                                        lambda acfg=acfg: run_align(acfg).to_json(), (),
                                        after=("teacher target (train)", f"teacher {name} (train)")))
         # the exact fraction from the manifest (the run summary rounds it for display)
-        counts = json.loads((out / "manifest.json").read_text())["counts"]
-        aligned[name] = {**aligned[name], "aligned_fraction": counts["aligned_fraction"]}
+        mined = json.loads((out / "manifest.json").read_text())
+        aligned[name] = {**aligned[name], "aligned_fraction": mined["counts"]["aligned_fraction"]}
         say(f"    {name}: {aligned[name]['aligned_fraction']:.1%} of target rows aligned")
         if cfg.alignment == "pta":  # the same pairing, each paired row's teacher from a transport plan
             pcfg = _align_cfg(cfg, root, name, "pta")
@@ -912,7 +912,7 @@ def _run(cfg: FuseConfig, root: Path, stages: _Stages, say: Callable[[str], None
                                   after=("teacher target (train)", f"teacher {name} (train)")))
             manifest = json.loads((Path(pcfg.output) / "manifest.json").read_text())
             aligned_pta[name] = {**done, "bytes_per_token": manifest["bytes_per_token"], "sinkhorn": manifest["sinkhorn"],
-                                 "minED_bytes_per_token": json.loads((out / "manifest.json").read_text())["bytes_per_token"]}
+                                 "minED_bytes_per_token": mined["bytes_per_token"]}
             sk = manifest["sinkhorn"]
             say(f"    {name} (pta): {sk['problems']:,} transport plans, {sk['mean_iterations']:.1f} iterations on average, "
                 f"max marginal error {sk['max_marginal_error']:.1e}")
