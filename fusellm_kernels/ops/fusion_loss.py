@@ -58,7 +58,7 @@ def _fusion_loss_kernel(
     logits_ptr, labels_ptr, ids_ptr, tlog_ptr, w_ptr, fmask_ptr, ce_coef_ptr, f_coef_ptr, up_ptr,
     row_loss_ptr, ce_row_ptr, d_row_ptr, lse_ptr, grad_ptr, scratch_id_ptr, scratch_p_ptr, tlse_ptr, logq_out_ptr,
     stride_zn, stride_ln, stride_is, stride_in, stride_ik, stride_ts, stride_tn, stride_tk,
-    stride_ws, stride_wn, stride_up, stride_gn, stride_ls, stride_ln2, stride_qs, stride_qn,
+    stride_ws, stride_wn, stride_up, stride_gn, stride_lse_s, stride_lse_n, stride_q_s, stride_q_n,
     N, V, S, K,
     inv_temperature, ignore_index,
     BLOCK_V: tl.constexpr, S_P: tl.constexpr, K_P: tl.constexpr,
@@ -130,7 +130,7 @@ def _fusion_loss_kernel(
             x_max = tl.where(has_s, tl.max(x, axis=1), 0.0)
             ex = tl.exp(x - x_max[:, None])  # 0 at empty slots
             if TAIL:
-                t_lse = tl.load(tlse_ptr + s_idx * stride_ls + row * stride_ln2, mask=s_idx < S, other=0.0)
+                t_lse = tl.load(tlse_ptr + s_idx * stride_lse_s + row * stride_lse_n, mask=s_idx < S, other=0.0)
                 renorm = t_lse != t_lse  # NaN: no lse for this row (a one-hot fallback)
                 own = x_max + tl.log(tl.where(has_s, tl.sum(ex, axis=1), 1.0))
                 p = tl.exp(x - tl.where(renorm, own, t_lse)[:, None])
@@ -195,7 +195,7 @@ def _fusion_loss_kernel(
             if BACKWARD:
                 lse = tl.load(lse_ptr + row)
                 if TAIL:
-                    log_q_out = tl.load(logq_out_ptr + s_idx * stride_qs + row * stride_qn, mask=s_idx < S, other=0.0)
+                    log_q_out = tl.load(logq_out_ptr + s_idx * stride_q_s + row * stride_q_n, mask=s_idx < S, other=0.0)
             else:
                 # ---- pass 1: lse = log Σ exp z, online over blocks of the row (TAIL: and Q_s) ----
                 m = float("-inf")
@@ -219,7 +219,7 @@ def _fusion_loss_kernel(
                 if TAIL:
                     log_q_out = tl.log(out_acc) - tl.log(acc)
                     if WRITE_GRAD:
-                        tl.store(logq_out_ptr + s_idx * stride_qs + row * stride_qn, log_q_out, mask=s_idx < S)
+                        tl.store(logq_out_ptr + s_idx * stride_q_s + row * stride_q_n, log_q_out, mask=s_idx < S)
 
             if TAIL:
                 ratio = tl.where(wt > 0.0, wt * tl.exp(-log_q_out), 0.0)  # r_s = w̄_s t_s / Q_s

@@ -14,10 +14,10 @@ an fp32 copy for bf16/fp16 logits (see bench/README.md, "CPU baseline", for what
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
-
-from dataclasses import dataclass
 
 from fusellm_kernels.validation import second_backward_error
 
@@ -130,7 +130,7 @@ def bucket_terms(bt: BucketTeacher, log_q_out: Tensor, r: slice, kl: bool) -> tu
     d = -torch.where(has_tail, wbar * tail * log_q_out, 0.0).sum(-1)
     if kl:
         ent = torch.where(bt.first_in_cand[r] & (bt.merged_same[r] > 0), bt.merged_same[r], 0.0)
-        e_w = wbar.repeat_interleave(bt.ids.shape[1] // wbar.shape[1], dim=1)
+        e_w = wbar[:, bt.cand]  # each entry's own w̄_s
         d = d + (ent * torch.log(torch.where(ent > 0, ent / torch.where(e_w > 0, e_w, 1.0), 1.0))).sum(-1)
         d = d + (wbar * torch.xlogy(tail, tail)).sum(-1)
     ratio = torch.where(has_tail, wbar * tail * torch.exp(-log_q_out), 0.0)  # r_s = w̄_s t_s / Q_s
@@ -192,6 +192,16 @@ def _bucket_entry_grad_(g: Tensor, q_e: Tensor, bt: BucketTeacher, r: slice, lab
 
 def _label_not_in(bt: BucketTeacher, labels: Tensor) -> Tensor:
     return ~(bt.used & (bt.ids == labels[:, None])).any(-1)
+
+
+def _teacher_entries(
+    teacher_ids: Tensor, teacher_logits: Tensor, weights: Tensor, vocab_size: int, temperature: float, teacher_lse: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, BucketTeacher | None]:
+    """entry_ids, entry_p, has_teacher and the bucket teacher (None: renormalised entries)."""
+    if teacher_lse is None:
+        return (*sparse_teacher(teacher_ids, teacher_logits, weights, vocab_size, temperature), None)
+    bt = bucket_teacher(teacher_ids, teacher_logits, teacher_lse, weights, vocab_size)
+    return bt.ids, bt.p, bt.has_teacher, bt
 
 
 class TorchFusionLossFunction(torch.autograd.Function):
@@ -292,14 +302,11 @@ def fusion_loss_torch(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """row_loss, ce_row, d_row float32 [N] with gradient to `logits` (see `ops.fusion_loss.fusion_loss_forward`).
     `teacher_lse` [S, N] selects the bucketed tail (temperature must be 1)."""
-    if teacher_lse is not None:
-        bt = bucket_teacher(teacher_ids, teacher_logits, teacher_lse, weights, logits.shape[1])
-        return TorchFusionLossFunction.apply(
-            logits, labels, bt.ids, bt.p, bt.has_teacher, fusion_mask, ce_coef, f_coef, ignore_index, kl, bt
-        )
-    entry_ids, entry_p, has_teacher = sparse_teacher(teacher_ids, teacher_logits, weights, logits.shape[1], temperature)
+    entry_ids, entry_p, has_teacher, bt = _teacher_entries(
+        teacher_ids, teacher_logits, weights, logits.shape[1], temperature, teacher_lse
+    )
     return TorchFusionLossFunction.apply(
-        logits, labels, entry_ids, entry_p, has_teacher, fusion_mask, ce_coef, f_coef, ignore_index, kl
+        logits, labels, entry_ids, entry_p, has_teacher, fusion_mask, ce_coef, f_coef, ignore_index, kl, bt
     )
 
 
@@ -330,12 +337,7 @@ def fusion_loss_chunk_(
     rounded back into z once, as the unchunked path rounds it.
     """
     c, v = z.shape
-    bt = None
-    if teacher_lse is not None:
-        bt = bucket_teacher(teacher_ids, teacher_logits, teacher_lse, weights, v)
-        entry_ids, entry_p, has_teacher = bt.ids, bt.p, bt.has_teacher
-    else:
-        entry_ids, entry_p, has_teacher = sparse_teacher(teacher_ids, teacher_logits, weights, v, temperature)
+    entry_ids, entry_p, has_teacher, bt = _teacher_entries(teacher_ids, teacher_logits, weights, v, temperature, teacher_lse)
     ce_on, bad_label, has_f, safe_labels, a, b = _row_terms(labels, v, ignore_index, fusion_mask, has_teacher, ce_coef, f_coef)
     if z.dtype == torch.float32:
         x = z
@@ -347,14 +349,18 @@ def fusion_loss_chunk_(
     z_label = x.gather(1, safe_labels[:, None])[:, 0] - m[:, 0]  # shifted by m, read before the exp
     z_entry = x.gather(1, entry_ids) - m
     x.sub_(m).exp_()
-    sum_exp = x.sum(1)
-    log_sum = sum_exp.log()
+    rows = slice(0, c)
+    if bt is None:
+        sum_exp = x.sum(1)
+        log_sum = sum_exp.log()
+    else:  # the float64 sum that Q_s needs serves the lse too
+        log_q_out, log_sum = bucket_out_mass(x, bt, rows)
+        sum_exp = log_sum.exp()
     ce_row = torch.where(ce_on, log_sum - z_label, 0.0)
     ce_row = torch.where(bad_label, float("nan"), ce_row)
     d_row = (entry_p * (log_sum[:, None] - z_entry)).sum(-1)
     if bt is not None:
-        rows = slice(0, c)
-        d_tail, beta, beta_e = bucket_terms(bt, bucket_out_mass(x, bt, rows)[0], rows, kl)
+        d_tail, beta, beta_e = bucket_terms(bt, log_q_out, rows, kl)
         d_row = d_row + d_tail
     elif kl:
         d_row = d_row + _entry_entropy(entry_ids, entry_p)
