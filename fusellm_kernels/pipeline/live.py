@@ -46,15 +46,15 @@ import torch
 from fusellm_kernels.pipeline.align_job import DocumentAligner, load_vocab_map, save_vocab_map
 from fusellm_kernels.pipeline.assemble import AssembleConfig, _build_shard, plan_blocks
 from fusellm_kernels.pipeline.teacher_pass import (
-    DEFAULT_MAX_LENGTH,
     TeacherConfig,
     TeacherPassError,
-    _context_length,
     _Runtime,
     _ShardRunner,
     load_model,
     load_tokenizer_and_config,
+    model_dtype,
     model_fingerprint,
+    pass_limits,
     tokenize_documents,
     tokenizer_fingerprint,
 )
@@ -92,16 +92,8 @@ class LiveTeacher:
     def __init__(self, cfg: TeacherConfig, corpus: CorpusTexts, device: torch.device, load: bool = True,
                  shard: Callable[[Any], Any] | None = None) -> None:
         tok, mconf, logits_size = load_tokenizer_and_config(cfg)
-        ctx = _context_length(mconf)
-        self.max_length = cfg.max_length or min(ctx or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
-        if ctx is not None and self.max_length > ctx:
-            raise TeacherPassError(f"--max-length {self.max_length} exceeds {cfg.model}'s context of {ctx} tokens")
-        self.num_ids = len(tok) if cfg.mask_padded_vocab else logits_size
-        if cfg.top_k > self.num_ids:
-            raise TeacherPassError(f"--top-k {cfg.top_k} exceeds {cfg.model}'s vocabulary ({self.num_ids} ids)")
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(
-            cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-        self._rt = _Runtime(rank=0, world=1, local_rank=0, device=device, dtype=dtype, owns_group=False)
+        self.max_length, self.num_ids = pass_limits(cfg, tok, mconf, logits_size)
+        self._rt = _Runtime(rank=0, world=1, local_rank=0, device=device, dtype=model_dtype(cfg, device), owns_group=False)
         self._mconf = mconf
         self.cfg, self.corpus, self.tokenizer, self.logits_size = cfg, corpus, tok, logits_size
         self.root = Path(cfg.model)  # named in errors, as a store's root is
@@ -121,10 +113,7 @@ class LiveTeacher:
         """Load the model (frozen, in inference mode) unless it is loaded."""
         if self._runner is not None:
             return
-        model, loaded = load_model(self.cfg, self._mconf, self._rt, len(self.tokenizer))
-        if loaded != self.logits_size:
-            raise TeacherPassError(f"{self.cfg.model}: its config says vocab_size {self.logits_size} but its output layer "
-                                   f"has {loaded} rows")
+        model = load_model(self.cfg, self._mconf, self._rt, len(self.tokenizer))
         for p in model.parameters():
             p.requires_grad_(False)
         if self._shard is not None:

@@ -308,6 +308,13 @@ class _Runtime:
     owns_group: bool
 
 
+def model_dtype(cfg: TeacherConfig, device: torch.device) -> torch.dtype:
+    """--dtype as a torch dtype; auto: bf16 on CUDA, fp32 elsewhere."""
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
+
+
 def _dist_runtime(cfg: TeacherConfig) -> _Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -324,10 +331,7 @@ def _dist_runtime(cfg: TeacherConfig) -> _Runtime:
         if device.index >= torch.cuda.device_count():
             raise TeacherPassError(f"--device {cfg.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(device)
-    if cfg.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.dtype]
+    dtype = model_dtype(cfg, device)
     owns = False
     if world > 1:
         import torch.distributed as dist
@@ -343,6 +347,19 @@ def _config_vocab(mconf: Any) -> int | None:
     if v is None and hasattr(mconf, "get_text_config"):
         v = getattr(mconf.get_text_config(), "vocab_size", None)
     return int(v) if v else None
+
+
+def pass_limits(cfg: TeacherConfig, tok: Any, mconf: Any, logits_size: int) -> tuple[int, int]:
+    """(max_length, num_ids): the window the model runs over and the ids top-k ranks, refused
+    where --max-length exceeds the model's context or --top-k its vocabulary."""
+    ctx = _context_length(mconf)
+    max_length = cfg.max_length or min(ctx or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
+    if ctx is not None and max_length > ctx:
+        raise TeacherPassError(f"--max-length {max_length} exceeds the model's context of {ctx} tokens ({cfg.model}); lower it")
+    num_ids = len(tok) if cfg.mask_padded_vocab else logits_size
+    if cfg.top_k > num_ids:
+        raise TeacherPassError(f"--top-k {cfg.top_k} exceeds the vocabulary of {cfg.model} ({num_ids} ids)")
+    return max_length, num_ids
 
 
 def load_tokenizer_and_config(cfg: TeacherConfig) -> tuple[Any, Any, int]:
@@ -400,10 +417,12 @@ def _check_vocab(n_tok: int, logits_size: int, tpath: str) -> None:
         )
 
 
-def load_model(cfg: TeacherConfig, mconf: Any, rt: _Runtime, n_tok: int) -> tuple[Any, int]:
-    """(model in eval mode on the device, its actual logits size)."""
+def load_model(cfg: TeacherConfig, mconf: Any, rt: _Runtime, n_tok: int) -> Any:
+    """The model in eval mode on the device, refused unless its output layer has the rows its
+    config's vocab_size (`load_tokenizer_and_config`'s logits size) says."""
     from transformers import AutoModelForCausalLM
 
+    expected = _config_vocab(mconf)  # read before the load, which is given this config
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.model, local_files_only=True, dtype=rt.dtype, config=mconf)
     except OSError as e:  # a weight file that went missing or unreadable since _check_weights
@@ -415,7 +434,11 @@ def load_model(cfg: TeacherConfig, mconf: Any, rt: _Runtime, n_tok: int) -> tupl
     out_emb = model.get_output_embeddings()
     logits_size = int(out_emb.weight.shape[0]) if out_emb is not None else int(_config_vocab(mconf) or 0)
     _check_vocab(n_tok, logits_size, cfg.tokenizer or cfg.model)
-    return model, logits_size
+    if logits_size != expected:
+        raise TeacherPassError(
+            f"--model {cfg.model}: its config says vocab_size {expected} but its output layer has {logits_size} rows"
+        )
+    return model
 
 
 # --- the pass --------------------------------------------------------------------------------
@@ -660,13 +683,7 @@ def run_teacher_pass(cfg: TeacherConfig, on_shard_written: Callable[[int], None]
         # 1. everything that needs no weights: inputs, vocabularies, settings, the output dir
         ds, corpus = load_corpus(cfg.corpus)
         tok, mconf, logits_size = load_tokenizer_and_config(cfg)
-        ctx = _context_length(mconf)
-        max_length = cfg.max_length or min(ctx or DEFAULT_MAX_LENGTH, DEFAULT_MAX_LENGTH)
-        if ctx is not None and max_length > ctx:
-            raise TeacherPassError(f"--max-length {max_length} exceeds the model's context of {ctx} tokens; lower it")
-        num_ids = len(tok) if cfg.mask_padded_vocab else logits_size
-        if cfg.top_k > num_ids:
-            raise TeacherPassError(f"--top-k {cfg.top_k} exceeds the vocabulary ({num_ids} ids)")
+        max_length, num_ids = pass_limits(cfg, tok, mconf, logits_size)
         enc = cfg.encoding()
         settings = _settings(cfg, corpus.fingerprint, max_length, rt)
         out = Path(cfg.output)
@@ -685,11 +702,7 @@ def run_teacher_pass(cfg: TeacherConfig, on_shard_written: Callable[[int], None]
             _broadcast_job_id(rt, locks.job_id)
 
         # 2. the model, and this rank's shards that are not complete yet
-        model, loaded_size = load_model(cfg, mconf, rt, len(tok))
-        if loaded_size != logits_size:
-            raise TeacherPassError(
-                f"--model {cfg.model}: its config says vocab_size {logits_size} but its output layer has {loaded_size} rows"
-            )
+        model = load_model(cfg, mconf, rt, len(tok))
         shards_dir = out / "shards"
         n_docs = len(ds)
         n_shards = (n_docs + cfg.docs_per_shard - 1) // cfg.docs_per_shard
