@@ -328,6 +328,7 @@ class OnlineBlocks:
         self._times = {"candidates_s": 0.0, "align_s": 0.0}  # work done since `take_times`
         self._rows = torch.zeros(len(teachers), dtype=torch.int64)  # real rows / aligned rows per source, since then
         self._lock = threading.RLock()  # the prefetch thread and the training thread both read blocks
+        self._lockstep = any(getattr(t, "sharded", False) for t in teachers)
         self.stores = [_View(self, s, "record", t.root, t.k) for s, t in enumerate(teachers)]
         self._aligns = [_View(self, s, "map", t.root, t.k) for s, t in enumerate(teachers) if s > 0]
         self.vocab_maps: list[torch.Tensor | None] = [None] + [al.vocab_map for al in aligners]
@@ -369,8 +370,7 @@ class OnlineBlocks:
         with self._lock:
             want = [pc.doc_id for i in indices for pc in self.plan[i] if pc.doc_id not in self._entries]
             want = list(dict.fromkeys(want))
-            lockstep = any(getattr(t, "sharded", False) for t in self.teachers)
-            if not want and not lockstep:  # sharded candidates join every call, with documents or none
+            if not want and not self._lockstep:  # sharded candidates join every call, with documents or none
                 return
             t0 = time.perf_counter()
             if len(self.teachers) == 1:  # CE alone (no source): the target's tokens, no model run
