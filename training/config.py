@@ -23,6 +23,8 @@ Weighting = Literal["block", "document", "token"]
 Attention = Literal["document", "block"]
 FusionRows = Literal["labels", "attention"]
 DType = Literal["auto", "bfloat16", "float32"]
+Score = Literal["per_byte", "reference"]
+CandidateSharding = Literal["replicate", "shard"]
 
 
 class ConfigError(ValueError):
@@ -48,13 +50,14 @@ class TrainConfig:
     corpus: str = _opt("", "--online: the prepared corpus (`fusellm prepare`) to pack the target's blocks from")
     candidate: tuple[str, ...] = _opt((), "--online: a source model's local transformers folder with its tokenizer; "
                                           "repeat the flag for each source, in candidate order", metadata_repeat="PATH")
-    score: str = _opt("per_byte", "--online: a document's CE score, as `fusellm assemble --score` (per_byte or reference)")
+    score: Score = _opt("per_byte", "--online: a document's CE score, as `fusellm assemble --score` (per_byte or reference)")
     source_marker: tuple[str, ...] = _opt((), "--online: a source tokenizer's word-start marker when detection fails, one per "
                                               "--candidate in order ('' detects), as `fusellm align --source-marker`",
                                           metadata_repeat="MARKER")
     target_marker: str = _opt("", "--online: the target tokenizer's word-start marker when detection fails ('' detects)")
-    candidate_sharding: str = _opt("replicate", "--online: replicate (every rank holds every candidate whole) or shard "
-                                                "(FSDP2 across the ranks, like the target: ~1/ranks of their memory)")
+    candidate_sharding: CandidateSharding = _opt("replicate", "--online: replicate (every rank holds every candidate whole) "
+                                                              "or shard (FSDP2 across the ranks, like the target: ~1/ranks "
+                                                              "of their memory)")
     align_workers: int = _opt(0, "--online: processes per rank aligning documents (0: on the prefetch thread, which "
                                  "then competes for the GIL with the training loop)")
     # --- objective
@@ -126,16 +129,12 @@ class TrainConfig:
                 raise bad("eval_holdout", "--online evaluates on --eval-data (held-out blocks assembled offline) only")
             if self.source_marker and len(self.source_marker) != len(self.candidate):
                 raise bad("source_marker", f"give one per --candidate ({len(self.candidate)}, '' to detect), in order")
-        elif self.candidate or self.corpus or self.source_marker or self.target_marker or self.align_workers:
-            name = next(n for n in ("candidate", "corpus", "source_marker", "target_marker", "align_workers") if getattr(self, n))
-            raise bad(name, "is read only with --online")
-        if self.candidate_sharding not in ("replicate", "shard"):
-            raise bad("candidate_sharding", "choose one of ('replicate', 'shard')")
-        if self.candidate_sharding != "replicate" and not self.online:
-            raise bad("candidate_sharding", "is read only with --online")
-        if self.score not in ("per_byte", "reference"):
-            raise bad("score", "choose one of ('per_byte', 'reference')")
-        for name, allowed in (("strategy", STRATEGIES), ("divergence", DIVERGENCES), ("mode", get_args(Mode)),
+        else:
+            for name in ("candidate", "corpus", "source_marker", "target_marker", "align_workers"):
+                if getattr(self, name):
+                    raise bad(name, "is read only with --online")
+        for name, allowed in (("candidate_sharding", get_args(CandidateSharding)), ("score", get_args(Score)),
+                              ("strategy", STRATEGIES), ("divergence", DIVERGENCES), ("mode", get_args(Mode)),
                               ("teacher_tail", TEACHER_TAILS),
                               ("weighting", get_args(Weighting)), ("attention", get_args(Attention)),
                               ("fusion_rows", get_args(FusionRows)),
@@ -143,6 +142,8 @@ class TrainConfig:
                               ("attn_implementation", ("sdpa", "eager", "flash_attention_2"))):
             if getattr(self, name) not in allowed:
                 raise bad(name, f"choose one of {tuple(allowed)}")
+        if self.candidate_sharding != "replicate" and not self.online:
+            raise bad("candidate_sharding", "is read only with --online")
         # --micro-batch before --global-batch: `fusellm eval` derives the global batch from it
         for name in ("seq_len", "micro_batch", "global_batch", "epochs", "log_every", "keep_checkpoints", "shuffle_window"):
             if getattr(self, name) < 1:
@@ -178,9 +179,8 @@ class TrainConfig:
     # ------------------------------------------------------------------ persistence
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["source_weights"] = list(self.source_weights)
-        d["candidate"] = list(self.candidate)
-        d["source_marker"] = list(self.source_marker)
+        for name in _TUPLE_FIELDS:
+            d[name] = list(d[name])
         return d
 
     @staticmethod
@@ -190,13 +190,16 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown configuration keys {unknown}; this trainer knows {sorted(known)}")
         obj = dict(obj)
-        obj["source_weights"] = tuple(obj.get("source_weights", ()))
-        obj["candidate"] = tuple(obj.get("candidate", ()))
-        obj["source_marker"] = tuple(obj.get("source_marker", ()))
+        for name in _TUPLE_FIELDS:
+            obj[name] = tuple(obj.get(name, ()))
         return TrainConfig(**obj)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n")
+
+
+#: fields holding several values (tuples here; lists in config.json and from the command line)
+_TUPLE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(TrainConfig) if isinstance(f.default, tuple))
 
 
 def check_device(device: str) -> None:
@@ -272,7 +275,7 @@ def add_arguments(p: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> Non
 
 def from_args(a: argparse.Namespace) -> TrainConfig:
     given = {f.name: getattr(a, f.name) for f in fields(TrainConfig) if getattr(a, f.name, None) is not None}
-    for name in ("source_weights", "candidate", "source_marker"):
+    for name in _TUPLE_FIELDS:
         if name in given:
             given[name] = tuple(given[name])
     return preset(a.preset, **given) if a.preset else TrainConfig(**given)
