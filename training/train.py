@@ -107,6 +107,7 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None
     out = Path(cfg.output)
     ckpt_root = out / "checkpoints"
     fusion = cfg.mode == "fusion"
+    bucket = fusion and cfg.teacher_tail == "bucket"  # the batches then carry each row's teacher lse
     resume_from = latest_checkpoint(ckpt_root) if cfg.resume else None
     if resume_from is not None and (out / "config.json").exists():
         check_resume_compatible(TrainConfig.from_json(_read_json(out / "config.json")), cfg, out / "config.json")
@@ -133,7 +134,7 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None
         check_tokenizer(data.blocks.store, cfg.model)
         if data.eval_blocks is not None and data.eval_blocks is not data.blocks:
             check_tokenizer(data.eval_blocks.store, cfg.model)
-    if fusion and cfg.teacher_tail == "bucket":
+    if bucket:
         check_lse(data)
     if fusion and cfg.strategy == "weights" and len(cfg.source_weights) != len(data.names):
         raise ConfigError(f"--source-weights has {len(cfg.source_weights)} values but the blocks have "
@@ -184,7 +185,7 @@ def _train(cfg: TrainConfig, d: Dist, on_step: Callable[[int, int], None] | None
     # 4. The loop.
     progress = _progress(cfg.progress and d.is_main, state.step, steps_total)
     prefetch = Prefetcher(lambda ix: make_batch(data, ix, fusion=fusion, weighting=cfg.weighting, top_k=cfg.top_k, device=d.device,
-                                                with_lse=fusion and cfg.teacher_tail == "bucket"),
+                                                with_lse=bucket),
                           # sharded candidates gather their layers over a group of their own; run from the
                           # prefetch thread, those collectives interleaved with training's and gloo mixed
                           # the two groups' messages (a size mismatch, then an abort): they run in step here
