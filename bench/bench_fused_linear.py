@@ -139,19 +139,13 @@ def _first_tensor(out) -> Tensor:
 
 def build_provider(name: str, device: torch.device, chunk_rows: int | None = None) -> LossFn:
     """The provider's loss function; raises Skip or ImportError when it cannot run here."""
-    if name == "fused":
+    if name in ("fused", "fused_ce"):  # fused_ce: the same op with the teacher term weighted 0
         from fusellm_kernels import fused_linear_fusion_loss  # ImportError until the public op exists
 
+        lam = CE_ONLY_LAM if name == "fused_ce" else LAM
         return lambda x: fused_linear_fusion_loss(
             x.hidden, x.weight, x.labels, x.teacher_ids, x.teacher_logits, bias=x.bias, chunk_rows=chunk_rows,
-            backend="auto", **_loss_kwargs(x),
-        )
-    if name == "fused_ce":
-        from fusellm_kernels import fused_linear_fusion_loss
-
-        return lambda x: fused_linear_fusion_loss(
-            x.hidden, x.weight, x.labels, x.teacher_ids, x.teacher_logits, bias=x.bias, chunk_rows=chunk_rows,
-            backend="auto", **{**_loss_kwargs(x), "lam": CE_ONLY_LAM},
+            backend="auto", **{**_loss_kwargs(x), "lam": lam},
         )
     if name == "eager_ce":  # the reference of fused_ce
         return lambda x: torch.nn.functional.cross_entropy(
