@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from bench.common import Timing, append_jsonl, environment, format_table, make_record, resolve_device, results_dir
+from bench.common import QUANTILES, Timing, append_jsonl, environment, format_table, make_record, resolve_device, results_dir
 
 OP = "online_fusion"
 
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                                       candidate=sources, align_workers=workers), {})
         for name, (steps, extra) in runs.items():
             ms = torch.tensor([r["step_s"] * 1e3 for r in steps], dtype=torch.float64)
-            q = ms.quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)).tolist()
+            q = ms.quantile(torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
             tokens = statistics.mean(r["tokens"] for r in steps)
             info: dict[str, Any] = {"tokens_per_step": tokens, "tokens_per_s": tokens / (q[0] / 1e3), "timed_steps": len(steps)}
             if name == "offline":
