@@ -170,7 +170,10 @@ def _row(ids: torch.Tensor, logits: torch.Tensor) -> dict[int, float]:
     return seen
 
 
-def _reference_rows(root, al: AlignmentStore, doc_id: int, **kw):
+def _rows_against_reference(root, al: AlignmentStore, doc_ids: list[int], **kw):
+    """Every row of the documents: (doc_id, row, the stored row as the loss sees it (`_row`),
+    the float64 statement's ids and values of that row). Stores, tokenizers and the soft
+    lookup are loaded once for all the documents."""
     target, source = TeacherStore(root / "target"), TeacherStore(root / "source")
     ttok = load_tokenizer(str(target.path_of("tokenizer")))
     stok = load_tokenizer(str(source.path_of("tokenizer")))
@@ -178,13 +181,16 @@ def _reference_rows(root, al: AlignmentStore, doc_id: int, **kw):
 
     vmap = torch.load(al.vocab_map_path, weights_only=True)
     lookup = soft_lookup(vmap, stok.get_vocab(), ttok.get_vocab(), source_marker="▁", target_marker="Ġ")
-    trec, srec = target.get(doc_id), source.get(doc_id)
-    values, ids = transform_step_logits_ot(
-        ttok.convert_ids_to_tokens(trec.input_ids.tolist()), stok.convert_ids_to_tokens(srec.input_ids.tolist()),
-        ttok.get_vocab(), srec.topk_logits.tolist(), srec.topk_ids.tolist(), lambda i: stok.convert_ids_to_tokens(i),
-        trec.topk_logits.tolist(), trec.topk_ids.tolist(), lambda i: ttok.convert_ids_to_tokens(i),
-        blending_marker="▁", base_marker="Ġ", vocab_align_type="soft", blending_to_base_mapping=lookup, **kw)
-    return values, ids
+    for doc_id in doc_ids:
+        trec, srec = target.get(doc_id), source.get(doc_id)
+        values, ids = transform_step_logits_ot(
+            ttok.convert_ids_to_tokens(trec.input_ids.tolist()), stok.convert_ids_to_tokens(srec.input_ids.tolist()),
+            ttok.get_vocab(), srec.topk_logits.tolist(), srec.topk_ids.tolist(), lambda i: stok.convert_ids_to_tokens(i),
+            trec.topk_logits.tolist(), trec.topk_ids.tolist(), lambda i: ttok.convert_ids_to_tokens(i),
+            blending_marker="▁", base_marker="Ġ", vocab_align_type="soft", blending_to_base_mapping=lookup, **kw)
+        d = al.get(doc_id)
+        for t in range(d.source_pos.numel()):
+            yield doc_id, t, _row(d.row_ids[t], d.row_logits[t]), ids[t], values[t]
 
 
 def test_pta_default_equals_its_float64_statement(pta_stores):
@@ -199,18 +205,15 @@ def test_pta_default_equals_its_float64_statement(pta_stores):
     assert s["max_iterations"] < 1000
     assert m["bytes_per_token"] > 88  # 8 + 10 × 8 per row, plus the index
     checked = 0
-    for doc_id in sorted(al.doc_ids())[:5]:
-        values, ids = _reference_rows(pta_stores, al, doc_id, authors=False, fallback="next")
-        d = al.get(doc_id)
-        for t in range(d.source_pos.numel()):
-            got = _row(d.row_ids[t], d.row_logits[t])
-            assert sorted(got) == sorted(ids[t]), (doc_id, t)
-            if len(ids[t]) > 1:
-                p = torch.softmax(torch.tensor(list(got.values()), dtype=torch.float64), 0).tolist()
-                expected = dict(zip(ids[t], np.exp(values[t]).tolist()))
-                for i, pi in zip(got, p):
-                    assert pi == pytest.approx(expected[i], abs=2e-4), (doc_id, t)
-                checked += 1
+    for doc_id, t, got, ids, values in _rows_against_reference(pta_stores, al, sorted(al.doc_ids())[:5],
+                                                               authors=False, fallback="next"):
+        assert sorted(got) == sorted(ids), (doc_id, t)
+        if len(ids) > 1:
+            p = torch.softmax(torch.tensor(list(got.values()), dtype=torch.float64), 0).tolist()
+            expected = dict(zip(ids, np.exp(values).tolist()))
+            for i, pi in zip(got, p):
+                assert pi == pytest.approx(expected[i], abs=2e-4), (doc_id, t)
+            checked += 1
     assert checked > 20
 
 
@@ -218,16 +221,13 @@ def test_pta_reference_equals_the_authors_semantics(pta_stores):
     al = _align(pta_stores, "align-pta-ref", reference=True, fallback="current")
     assert al.manifest["pta"]["reference"] is True
     transported = 0
-    for doc_id in sorted(al.doc_ids())[:8]:
-        values, ids = _reference_rows(pta_stores, al, doc_id, authors=True, fallback="current")
-        d = al.get(doc_id)
-        for t in range(d.source_pos.numel()):
-            got = _row(d.row_ids[t], d.row_logits[t])
-            assert list(got) == ids[t] or sorted(got) == sorted(ids[t]), (doc_id, t)
-            expected = dict(zip(ids[t], values[t]))
-            for i, v in got.items():
-                assert v == pytest.approx(expected[i], abs=1e-3), (doc_id, t)
-            transported += 0 < sum(got.values()) <= 1.0 + 1e-6 and len(got) > 1
+    for doc_id, t, got, ids, values in _rows_against_reference(pta_stores, al, sorted(al.doc_ids())[:8],
+                                                               authors=True, fallback="current"):
+        assert list(got) == ids or sorted(got) == sorted(ids), (doc_id, t)
+        expected = dict(zip(ids, values))
+        for i, v in got.items():
+            assert v == pytest.approx(expected[i], abs=1e-3), (doc_id, t)
+        transported += 0 < sum(got.values()) <= 1.0 + 1e-6 and len(got) > 1
     assert transported >= 8
 
 
