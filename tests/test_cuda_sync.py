@@ -76,6 +76,13 @@ def _check(got: Tensor, ref: Tensor, lowp: Tensor, dtype: torch.dtype, what: str
     assert_close(got, ref, lowp if dtype != torch.float32 else None, what=what)
 
 
+def _check_parts(got, ref, lowp, dtype: torch.dtype) -> None:
+    """`return_parts`: the wins exactly, the per-part sums as `_check`."""
+    assert torch.equal(got.wins.cpu(), ref.wins.cpu())
+    for name in ("ce", "fusion", "weight_sums"):
+        _check(getattr(got, name), getattr(ref, name), getattr(lowp, name), dtype, name)
+
+
 # ---- fusion_loss on given logits ----
 
 def check_fusion_loss(device: torch.device, *, n: int, v: int, strategy: str, divergence: str, reduction: str,
@@ -104,10 +111,8 @@ def check_fusion_loss(device: torch.device, *, n: int, v: int, strategy: str, di
     _check(loss.detach(), ref_loss.detach(), lp_loss.detach(), dtype, "loss")
     _check(grad, ref_grad, lp_grad, dtype, "grad")
     if parts:
-        assert torch.equal(got_parts.wins.cpu(), ref_parts.wins.cpu())
+        _check_parts(got_parts, ref_parts, lp_parts, dtype)
         assert int(got_parts.n_ce) == int(ref_parts.n_ce) and int(got_parts.n_fusion) == int(ref_parts.n_fusion)
-        for name in ("ce", "fusion", "weight_sums"):
-            _check(getattr(got_parts, name), getattr(ref_parts, name), getattr(lp_parts, name), dtype, name)
 
 
 # (strategy, divergence, reduction, inplace, parts, large vocabulary): every strategy and both
@@ -177,9 +182,7 @@ def check_fused_linear(device: torch.device, *, n: int, v: int, h: int, strategy
         assert a.dtype == dtype
         _check(a, b, c, dtype, f"grad {name}")
     if parts:
-        assert torch.equal(got_parts.wins.cpu(), ref_parts.wins.cpu())
-        for name in ("ce", "fusion", "weight_sums"):
-            _check(getattr(got_parts, name), getattr(ref_parts, name), getattr(lp_parts, name), dtype, name)
+        _check_parts(got_parts, ref_parts, lp_parts, dtype)
 
 
 # (strategy, divergence, reduction, bias, chunked, parts): a per-row upstream (the backward
