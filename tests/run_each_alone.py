@@ -28,7 +28,6 @@ import argparse
 import os
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -112,18 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(ids)} tests, each alone, {args.jobs} at a time (timeout {args.timeout:.0f} s)", flush=True)
 
     results: list[Result] = []
-    lock = threading.Lock()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(run_one, args.python, i, args.timeout, args.pytest_arg) for i in ids]
-        for fut in as_completed(futures):
+        for fut in as_completed(futures):  # on this thread only: the workers just run pytest
             r = fut.result()
-            with lock:
-                results.append(r)
-                mark = "ok  " if r.status == "passed" else r.status.upper()
-                print(f"[{len(results):>{len(str(len(ids)))}}/{len(ids)}] {mark} {r.seconds:6.1f}s  {r.node_id}", flush=True)
+            results.append(r)
+            mark = "ok  " if r.status == "passed" else r.status.upper()
+            print(f"[{len(results):>{len(str(len(ids)))}}/{len(ids)}] {mark} {r.seconds:6.1f}s  {r.node_id}", flush=True)
 
     wall = time.monotonic() - t0
-    bad = sorted((r for r in results if r.status != "passed"), key=lambda r: ids.index(r.node_id))
+    order: dict[str, int] = {}
+    for i, node_id in enumerate(ids):
+        order.setdefault(node_id, i)  # a repeated id (--ids-file) sorts where it first appears
+    bad = sorted((r for r in results if r.status != "passed"), key=lambda r: order[r.node_id])
     print("\n" + "=" * 78)
     for r in bad:
         print(f"--- {r.status}: {r.node_id} ({r.seconds:.1f} s)\n{tail(r.output, args.tail)}\n")
