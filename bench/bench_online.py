@@ -114,9 +114,9 @@ def offline_prepare(root: Path, corpus: Path, models: dict[str, Path], s: Setup,
 
 
 def train_steps(out: Path, s: Setup, device: torch.device, **kw: Any) -> list[dict[str, Any]]:
-    from training.config import TrainConfig
-    from training.metrics import read_metrics
-    from training.train import train
+    from fusellm_kernels.training.config import TrainConfig
+    from fusellm_kernels.training.metrics import read_metrics
+    from fusellm_kernels.training.train import train
 
     cfg = TrainConfig(output=str(out), seq_len=s.seq_len, global_batch=s.global_batch, micro_batch=s.micro_batch,
                       max_steps=s.steps + 1, epochs=1_000_000, lr=1e-4, warmup_ratio=0.0, strategy="min_ce", weighting="document",

@@ -4,9 +4,9 @@
     python -m bench.bench_train_step --layers 32 --steps 20   # closer to a 7B step's proportions
     python -m bench.bench_train_step --quick --device cpu --out /tmp/b   # CPU plumbing check, ~15 s
 
-Both providers run the real trainer (`training.train.train`) on one rank: FSDP2, bf16
+Both providers run the real trainer (`fusellm_kernels.training.train.train`) on one rank: FSDP2, bf16
 parameters on CUDA, the fused lm_head loss, data read from synthetic teacher stores and blocks
-(`training.synthetic`, the same files for both). A step's time is the trainer's own `step_s`
+(`fusellm_kernels.training.synthetic`, the same files for both). A step's time is the trainer's own `step_s`
 (data read + teacher gather + forward + backward + clipping + AdamW, ending in the step's one
 host sync); the first `--warmup` steps are not counted.
 
@@ -69,7 +69,7 @@ def build_inputs(root: Path, s: Setup) -> tuple[Path, Path]:
     """A random Llama of the setup's size (saved in bf16) and synthetic stores + blocks for it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from training.synthetic import SyntheticSpec, write_synthetic_run
+    from fusellm_kernels.training.synthetic import SyntheticSpec, write_synthetic_run
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
@@ -83,9 +83,9 @@ def build_inputs(root: Path, s: Setup) -> tuple[Path, Path]:
 
 
 def run_provider(provider: str, model: Path, blocks: Path, out: Path, s: Setup, device: torch.device) -> list[dict]:
-    from training.config import TrainConfig
-    from training.metrics import read_metrics
-    from training.train import train
+    from fusellm_kernels.training.config import TrainConfig
+    from fusellm_kernels.training.metrics import read_metrics
+    from fusellm_kernels.training.train import train
 
     cfg = TrainConfig(model=str(model), data=str(blocks), output=str(out / provider), mode=provider, seq_len=s.seq_len,
                       global_batch=s.global_batch, micro_batch=s.micro_batch, max_steps=s.warmup + s.steps, lr=1e-5,

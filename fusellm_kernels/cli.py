@@ -274,43 +274,16 @@ register_stage(Stage(
 # --- train / eval ----------------------------------------------------------------------------
 
 
-def _training_package() -> bool:
-    """`training/` sits beside `fusellm_kernels/` in the repository, outside the installed
-    package; a `fusellm` installed in editable mode finds it through the checkout."""
-    try:
-        import training  # noqa: F401
-    except ModuleNotFoundError:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        if not os.path.exists(os.path.join(root, "training", "train.py")):
-            return False
-        sys.path.insert(0, root)
-    return True
-
-
-def _no_training(p: argparse.ArgumentParser) -> None:
-    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    p.set_defaults(_no_training=True)
-
-
-def _check_training(a: argparse.Namespace) -> None:
-    if getattr(a, "_no_training", False):
-        raise SystemExit("fusellm train/eval need the repository's training/ package: run from a checkout "
-                         "(pip install -e .) or `python -m training.train`")
-
-
 def _train_args(p: argparse.ArgumentParser) -> None:
-    if not _training_package():
-        return _no_training(p)
-    from training.config import add_arguments
+    from fusellm_kernels.training.config import add_arguments
 
     add_arguments(p, skip=("progress",))  # --no-progress is every stage's flag
 
 
 def _train_run(a: argparse.Namespace) -> RunSummary:
-    _check_training(a)
-    from training.config import ConfigError, from_args
-    from training.parallel import ModelError
-    from training.train import TrainingError, train
+    from fusellm_kernels.training.config import ConfigError, from_args
+    from fusellm_kernels.training.parallel import ModelError
+    from fusellm_kernels.training.train import TrainingError, train
 
     try:
         cfg = from_args(a)
@@ -324,8 +297,6 @@ def _train_run(a: argparse.Namespace) -> RunSummary:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    if not _training_package():
-        return _no_training(p)
     p.add_argument("--model", required=True, help="a transformers folder (e.g. a run's export/), read locally")
     p.add_argument("--data", required=True, help="held-out assembled blocks (`fusellm assemble`); only the tokens are used")
     p.add_argument("--micro-batch", type=int, default=1, help="blocks per rank per forward")
@@ -337,10 +308,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_run(a: argparse.Namespace) -> RunSummary:
-    _check_training(a)
-    from training.config import ConfigError
-    from training.parallel import ModelError
-    from training.train import evaluate_model
+    from fusellm_kernels.training.config import ConfigError
+    from fusellm_kernels.training.parallel import ModelError
+    from fusellm_kernels.training.train import evaluate_model
 
     try:
         r = evaluate_model(a.model, a.data, micro_batch=a.micro_batch, eval_batches=a.eval_batches, attention=a.attention,
@@ -399,7 +369,6 @@ def _fuse_args(p: argparse.ArgumentParser) -> None:
 
 
 def _fuse_run(a: argparse.Namespace) -> RunSummary:
-    _training_package()
     from fusellm_kernels.demo.job import FuseError, preset, run_fuse
 
     t0 = time.perf_counter()
@@ -411,12 +380,10 @@ def _fuse_run(a: argparse.Namespace) -> RunSummary:
                                    ("fusion_seeds", a.fusion_seeds and tuple(a.fusion_seeds))) if v is not None}
     from fusellm_kernels.demo.corpus import DemoCorpusError
 
-    user_errors: tuple[type[BaseException], ...] = (FuseError, DemoCorpusError)
-    if _training_package():
-        from training.config import ConfigError
-        from training.parallel import ModelError
+    from fusellm_kernels.training.config import ConfigError
+    from fusellm_kernels.training.parallel import ModelError
 
-        user_errors += (ConfigError, ModelError)  # the stages' own refusals, raised mid-job
+    user_errors: tuple[type[BaseException], ...] = (FuseError, DemoCorpusError, ConfigError, ModelError)
     try:
         rep = run_fuse(preset(a.preset, **overrides), overwrite=a.overwrite)
     except user_errors as e:

@@ -333,10 +333,10 @@ def test_pta_candidate_assembles_and_trains(pta_stores, tmp_path):
     from fusellm_kernels.pipeline.assemble import AssembleConfig, run_assemble
     from fusellm_kernels.pipeline.batches import build_batch
     from fusellm_kernels.store.blocks import BlockStore
-    from training.config import preset
-    from training.data import open_data
-    from training.metrics import read_metrics
-    from training.train import train
+    from fusellm_kernels.training.config import preset
+    from fusellm_kernels.training.data import open_data
+    from fusellm_kernels.training.metrics import read_metrics
+    from fusellm_kernels.training.train import train
 
     pta = _align(pta_stores, "align-pta")
     mined = pta_stores / "align-minED"

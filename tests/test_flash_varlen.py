@@ -37,7 +37,7 @@ def check_packed_documents(device: torch.device, attn_implementation: str, dtype
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from fusellm_kernels.pipeline.batches import _positions
-    from training.parallel import FusionLM
+    from fusellm_kernels.training.parallel import FusionLM
 
     torch.manual_seed(0)
     # a larger initialiser than the default 0.02 so attention is far from uniform: a document
@@ -96,7 +96,7 @@ def test_flash_attention_gets_one_row_per_micro_batch():
     from types import SimpleNamespace
 
     from fusellm_kernels.pipeline.batches import _positions
-    from training.parallel import FusionLM
+    from fusellm_kernels.training.parallel import FusionLM
 
     class Base(nn.Module):
         def __init__(self) -> None:

@@ -87,9 +87,9 @@ def test_online_blocks_equal_the_assembled_ones(offline, online):
 
 
 def _train(tmp: Path, name: str, **kw) -> list[dict]:
-    from training.config import preset
-    from training.metrics import read_metrics
-    from training.train import train
+    from fusellm_kernels.training.config import preset
+    from fusellm_kernels.training.metrics import read_metrics
+    from fusellm_kernels.training.train import train
 
     out = tmp / name
     cfg = preset("tiny", **{"output": str(out), "seq_len": BLOCK_LEN, "global_batch": 2, "max_steps": 3, "plot": False,
@@ -116,7 +116,7 @@ def test_online_training_equals_offline(offline, tmp_path, tiny_corpus, tiny_lla
 def test_online_bucketed_tail_equals_offline_and_needs_the_lse(offline, tmp_path, tiny_corpus, tiny_llama, tiny_gpt2):
     """--teacher-tail bucket: the live passes keep each row's lse, so online training equals
     offline on stores made with --store-lse; a stored candidate without it is refused."""
-    from training.data import DataError
+    from fusellm_kernels.training.data import DataError
 
     common = dict(model=str(tiny_llama), strategy="min_ce", top_k=TOP_K, teacher_tail="bucket", divergence="kl")
     stored = _train(tmp_path, "offline", data=str(offline / "blocks"), **common)
@@ -152,7 +152,7 @@ def test_online_resume_equals_a_straight_run_and_refuses_changed_candidates(tmp_
                                                                             tiny_padded):
     import shutil
 
-    from training.config import ConfigError
+    from fusellm_kernels.training.config import ConfigError
 
     cand = tmp_path / "candidate"
     shutil.copytree(tiny_gpt2, cand)
@@ -193,7 +193,7 @@ def test_cli_online_runs_and_refuses_bad_flags(capsys, tmp_path, tiny_corpus, ti
     assert rc == 0, err
     recorded = (tmp_path / "ok" / "online" / "candidates.json").read_text()
     assert str(tiny_gpt2) in recorded and "model_fingerprint" in recorded
-    from training.metrics import read_metrics
+    from fusellm_kernels.training.metrics import read_metrics
 
     (step,) = [r for r in read_metrics(tmp_path / "ok" / "metrics.jsonl") if "loss" in r]
     assert step["candidates_s"] > 0 and step["align_s"] > 0 and step["data_s"] >= 0 and step["held_documents"] >= 0
@@ -228,14 +228,14 @@ def test_online_two_ranks_equal_one_process(tmp_path, tiny_corpus, tiny_llama, t
     import subprocess
     import sys
 
-    from training.metrics import read_metrics
+    from fusellm_kernels.training.metrics import read_metrics
 
     common = dict(model=str(tiny_llama), online=True, corpus=str(tiny_corpus), candidate=(str(tiny_gpt2),), top_k=TOP_K,
                   strategy="min_ce", weighting="token")
     single = _train(tmp_path, "single", align_workers=1, **common)  # and the alignment in a worker process
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "training.train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fusellm_kernels.training.train",
            "--preset", "tiny", "--online", "--model", str(tiny_llama), "--corpus", str(tiny_corpus), "--candidate", str(tiny_gpt2),
            "--top-k", str(TOP_K), "--strategy", "min_ce", "--weighting", "token", "--seq-len", str(BLOCK_LEN),
            "--global-batch", "2", "--max-steps", "3", "--no-plot", "--no-export", "--checkpoint-every", "0",

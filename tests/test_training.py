@@ -2,7 +2,7 @@
 NaN handling, export, and bad input.
 
 One tiny Llama (hidden 32, 2 layers, vocabulary 100) and synthetic stores + blocks
-(`training.synthetic`) are built once. Two full runs of the `tiny` preset (6 steps,
+(`fusellm_kernels.training.synthetic`) are built once. Two full runs of the `tiny` preset (6 steps,
 checkpoints at 3 and 6) are shared by most tests: one in this process (a one-rank FSDP2
 group) and one launched with torchrun on 2 CPU ranks (gloo) — the file's only multi-process
 launch. Resume tests restart from their step-3 checkpoints, so "k steps, resume, N − k"
@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.config import ConfigError, TrainConfig, preset
-from training.metrics import read_metrics
-from training.synthetic import SyntheticSpec, write_synthetic_run
-from training.train import TrainingError, train
+from fusellm_kernels.training.config import ConfigError, TrainConfig, preset
+from fusellm_kernels.training.metrics import read_metrics
+from fusellm_kernels.training.synthetic import SyntheticSpec, write_synthetic_run
+from fusellm_kernels.training.train import TrainingError, train
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden" / "train_tiny.json"
@@ -78,7 +78,7 @@ def single(world) -> Path:
 @pytest.fixture(scope="module")
 def two_ranks(world) -> Path:
     out = world["root"] / "two_ranks"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "training.train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "fusellm_kernels.training.train",
            "--preset", "tiny", "--model", str(world["model"]), "--data", str(world["blocks"]), "--output", str(out),
            "--eval-holdout", "2", "--no-plot"]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
@@ -212,8 +212,8 @@ def test_clm_mode_equals_plain_cross_entropy_loop(world):
     """CE only through the fused head = a plain transformers loss loop on the same blocks and steps."""
     from transformers import AutoModelForCausalLM
 
-    from training.data import BlockSampler, open_data
-    from training.train import _lr_factor
+    from fusellm_kernels.training.data import BlockSampler, open_data
+    from fusellm_kernels.training.train import _lr_factor
 
     out = world["root"] / "clm"
     train(_cfg(world, out, mode="clm", max_steps=3, attention="block", export=False, checkpoint_every=0))
@@ -246,7 +246,7 @@ def test_clm_mode_equals_plain_cross_entropy_loop(world):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(world, monkeypatch):
-    from training.parallel import FusionLM
+    from fusellm_kernels.training.parallel import FusionLM
 
     calls = {"n": 0}
     forward = FusionLM.forward
@@ -268,8 +268,8 @@ def test_document_attention_isolates_documents(world):
     block's second piece equal those of the piece run alone (sdpa and eager)."""
     from transformers import AutoModelForCausalLM
 
-    from training.data import make_batch, open_data
-    from training.parallel import document_mask
+    from fusellm_kernels.training.data import make_batch, open_data
+    from fusellm_kernels.training.parallel import document_mask
 
     data = open_data(str(world["blocks"]), "", 0, seq_len=64, model_vocab=100, fusion=False)
     for i in data.train_range:
@@ -325,7 +325,7 @@ def test_bad_inputs_are_named_before_training(world, tmp_path):
 def test_presets_and_command_line():
     import argparse
 
-    from training.config import add_arguments, from_args
+    from fusellm_kernels.training.config import add_arguments, from_args
 
     big = preset("llama2-7b", model="m", data="d", output="o").validate(world_size=8)
     assert (big.seq_len, big.global_batch, big.lr, big.warmup_ratio, big.weight_decay, big.grad_clip) == (2048, 128, 1e-5, 0.008, 0.1, 1.0)
@@ -353,7 +353,7 @@ def test_bench_train_step_quick(tmp_path):
 
 
 def test_sampler_is_shard_local_resumable_and_world_size_free():
-    from training.data import BlockSampler
+    from fusellm_kernels.training.data import BlockSampler
 
     starts = [0, 10, 20, 30, 40]  # four shards of ten blocks; the last two blocks held out
     s = BlockSampler(range(0, 38), 4, seed=3, shard_starts=starts, window=2)
@@ -384,7 +384,7 @@ def test_fusion_step_equals_plain_fusion_loss(world, fusion_rows):
 
     from fusellm_kernels import fusion_loss
     from fusellm_kernels.pipeline.batches import build_batch
-    from training.data import BlockSampler, open_data
+    from fusellm_kernels.training.data import BlockSampler, open_data
 
     out = world["root"] / f"fusion_plain_{fusion_rows}"
     train(_cfg(world, out, max_steps=1, attention="block", weighting="document", export=False, checkpoint_every=0,

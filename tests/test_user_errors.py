@@ -103,9 +103,9 @@ def test_gpt_neox_target_with_embed_out_head_trains_and_exports(tmp_path: Path) 
     from safetensors import safe_open
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from training.config import preset
-    from training.synthetic import SyntheticSpec, write_synthetic_run
-    from training.train import train
+    from fusellm_kernels.training.config import preset
+    from fusellm_kernels.training.synthetic import SyntheticSpec, write_synthetic_run
+    from fusellm_kernels.training.train import train
 
     torch.manual_seed(0)
     GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

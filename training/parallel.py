@@ -51,7 +51,7 @@ def init_distributed(device: str = "auto") -> Dist:
     (FSDP2 and DCP need one; a one-rank mesh shards nothing)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from training.config import check_device
+    from fusellm_kernels.training.config import check_device
 
     check_device(device)
     cuda = torch.cuda.is_available() and device in ("auto", "cuda")

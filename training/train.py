@@ -2,15 +2,15 @@
 
 Launch (one node, 8 GPUs; the original FuseLLM recipe on Llama-2-7B):
 
-    torchrun --standalone --nproc-per-node 8 -m training.train --preset llama2-7b \\
+    torchrun --standalone --nproc-per-node 8 -m fusellm_kernels.training.train --preset llama2-7b \\
         --model models/llama-2-7b --data blocks/minipile --output runs/fusellm-7b
 
     # the same data and steps, CE only (the paper's "continual training" baseline)
-    torchrun --standalone --nproc-per-node 8 -m training.train --preset llama2-7b --mode clm ...
+    torchrun --standalone --nproc-per-node 8 -m fusellm_kernels.training.train --preset llama2-7b --mode clm ...
 
     # several nodes: torchrun --nnodes 2 --node-rank R --rdzv-endpoint HOST:29500 ... (shared file system)
     # one process, CPU, in seconds:
-    python -m training.train --preset tiny --model tiny-llama/ --data blocks/ --output /tmp/run
+    python -m fusellm_kernels.training.train --preset tiny --model tiny-llama/ --data blocks/ --output /tmp/run
     fusellm train ...   /   fusellm eval --model runs/fusellm-7b/export --data held-out-blocks/
 
 Re-running the same command resumes from the newest checkpoint in OUTPUT/checkpoints (on
@@ -46,11 +46,11 @@ import torch.distributed as dist
 
 from fusellm_kernels.store.lock import LockedError, LockSet, confirm_holder
 from fusellm_kernels.store.manifest import StoreError
-from training.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
-from training.config import ConfigError, TrainConfig, check_resume_compatible
-from training.data import BlockSampler, Prefetcher, TrainData, check_lse, check_tokenizer, make_batch, open_data, open_online_data
-from training.metrics import MetricsLog, peak_memory_gib, plot_curves
-from training.parallel import (
+from fusellm_kernels.training.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from fusellm_kernels.training.config import ConfigError, TrainConfig, check_resume_compatible
+from fusellm_kernels.training.data import BlockSampler, Prefetcher, TrainData, check_lse, check_tokenizer, make_batch, open_data, open_online_data
+from fusellm_kernels.training.metrics import MetricsLog, peak_memory_gib, plot_curves
+from fusellm_kernels.training.parallel import (
     Dist, FrozenSharding, FusionLM, build_model, close_distributed, full_state_dict, init_distributed, model_flops_per_token,
     peak_flops,
     output_weight_name,
@@ -432,9 +432,9 @@ def _read_json(path: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from training.config import add_arguments, from_args
+    from fusellm_kernels.training.config import add_arguments, from_args
 
-    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fusellm_kernels.training.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     summary = train(from_args(parser.parse_args(argv)))

@@ -223,7 +223,7 @@ class FuseConfig:
         validation judge it, so no option a stage receives can first fail minutes later."""
         from fusellm_kernels.pipeline.corpus import CorpusError
         from fusellm_kernels.pipeline.teacher_pass import TeacherPassError
-        from training.config import ConfigError
+        from fusellm_kernels.training.config import ConfigError
 
         root = Path(self.output)
         builders: list[tuple[str, Callable[[], Any]]] = [
@@ -629,7 +629,7 @@ def _train_plan(cfg: FuseConfig) -> list[tuple[str, str, str, int, str, str]]:
 
 def _train_cfg(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str, seed: int,
                teacher_tail: str = "renormalize", alignment: str = "minED") -> Any:
-    from training.config import TrainConfig
+    from fusellm_kernels.training.config import TrainConfig
 
     # online: the live teacher pass keeps cfg.top_k slots (offline, the stores hold that many: top_k=0 takes them all)
     online = dict(online=True, corpus=str(root / "prepared" / "train"), score=cfg.score,
@@ -746,16 +746,16 @@ def _job_teacher(tcfg: Any) -> dict[str, Any]:
 
 def _job_train(cfg: FuseConfig, root: Path, name: str, mode: str, strategy: str, seed: int,
                teacher_tail: str = "renormalize", alignment: str = "minED") -> dict[str, Any]:
-    from training.config import TrainConfig
-    from training.metrics import read_metrics
-    from training.train import train
+    from fusellm_kernels.training.config import TrainConfig
+    from fusellm_kernels.training.metrics import read_metrics
+    from fusellm_kernels.training.train import train
 
     out = root / "train" / name
     tc = _train_cfg(cfg, root, name, mode, strategy, seed, teacher_tail, alignment)
     if (out / "config.json").exists():
         # this stage re-runs because its settings changed (else it would be cached), or it was
         # interrupted: a run of other settings starts over, an interrupted one resumes
-        from training.config import ConfigError, check_resume_compatible
+        from fusellm_kernels.training.config import ConfigError, check_resume_compatible
 
         try:
             check_resume_compatible(TrainConfig.from_json(json.loads((out / "config.json").read_text())), tc, out)
@@ -803,11 +803,6 @@ def _written_since(root: Path, t0_ns: int) -> tuple[int, int]:
 def run_fuse(cfg: FuseConfig, *, overwrite: bool = False, say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) every stage of the main job; returns the report (also written to
     OUTPUT/report/report.json and .md, with OUTPUT/report/curves.png)."""
-    try:  # first: check() validates the trainer's options with its own code
-        import training.train  # noqa: F401
-    except ImportError as e:
-        raise FuseError(f"the training module (training/, `fusellm train`) cannot be imported ({e}); "
-                        "run from the repository root (`make fuse` does)") from None
     cfg.check()
     for _, spec in cfg.sources:
         if isinstance(spec, PretrainedSource):

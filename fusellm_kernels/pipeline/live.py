@@ -450,7 +450,7 @@ def open_online(corpus_path: str, target_model: str, candidates: Sequence[str], 
     """Load the corpus, the frozen target copy and every candidate (a model folder, run
     live, or a teacher store of the corpus, read), check what can be checked before the
     first step, and pack the blocks. `shard(model)`, when given, shards each live model
-    across ranks (FSDP2: `training.parallel.FrozenSharding`); its `group` attribute is the
+    across ranks (FSDP2: `fusellm_kernels.training.parallel.FrozenSharding`); its `group` attribute is the
     process group whose ranks then run the candidates in step. Without it every rank holds
     every candidate whole."""
     corpus = CorpusTexts(corpus_path)

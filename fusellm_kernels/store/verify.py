@@ -271,7 +271,7 @@ def _blocks(ch: _Checker, root: Path, m: dict[str, Any]) -> None:
 
 def _checkpoints(ch: _Checker, root: Path) -> None:
     try:
-        from training.checkpoint import CHECKSUMS, verify_checkpoint
+        from fusellm_kernels.training.checkpoint import CHECKSUMS, verify_checkpoint
     except ModuleNotFoundError:
         ch.problem("checking a checkpoint needs the repository's training/ package (run from a checkout)")
         return
